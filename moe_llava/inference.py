@@ -1,0 +1,15 @@
+"""The PyTorch path of `moe-run --model`: a runtime Pipeline driven by the PyTorch model."""
+from __future__ import annotations
+
+from runtime.generation import Pipeline
+
+from .engine import TorchEngine
+from .loading import load_pretrained
+
+
+def torch_pipeline(model: str, vision_tower: str | None = None) -> Pipeline:
+    loaded = load_pretrained(model, vision_tower)
+    pipeline = Pipeline(TorchEngine(loaded.model), loaded.tokenizer, loaded.template,
+                        loaded.image_processor.spec, loaded.eos_token_id, loaded.bos_token_id)
+    pipeline.preprocess = loaded.image_processor  # the reference processor, not the numpy port
+    return pipeline
