@@ -1,0 +1,198 @@
+"""`moe-export --target onnx`: checkpoint -> export directory (four graphs, tokenizer, manifest, validation).
+
+The directory is assembled in a sibling temp dir and renamed into place only after validation passed,
+so a failed export leaves nothing behind.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import shutil
+import tempfile
+import warnings
+from enum import Enum
+from pathlib import Path
+
+import onnx
+import torch
+from tqdm import tqdm
+
+from moe_llava.loading import LoadedModel, checkpoint_digest, load_pretrained
+from runtime.errors import UserError
+from runtime.manifest import DecoderSpec, Manifest, PartSpec, SpecialTokens, TensorSpec
+
+from .moe_lowering import MoEImpl, swap_in_export_moe, translation_table
+from .parts import DecoderPart, EmbedPart, ProjectorPart, VisionPart, decoder_io_names, decoder_sample, kv_geometry
+
+OPSET = 18
+EXTERNAL_DATA_BYTES = 1 << 30  # graphs with more weights than this keep them in a .data file
+
+
+class Precision(str, Enum):
+    FP32 = "fp32"
+    FP16 = "fp16"
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float16 if self is Precision.FP16 else torch.float32
+
+
+def export_onnx(model: str | Path, out: str | Path, moe_impl: MoEImpl = MoEImpl.AUTO,
+                precision: Precision = Precision.FP32, vision_tower: str | None = None,
+                validate: bool = True) -> Path:
+    """Export `model` (a checkpoint dir or 'demo') into `out`; returns `out`."""
+    out = Path(out)
+    _check_target(out)
+    impl = MoEImpl(moe_impl).resolve("onnx")
+    precision = Precision(precision)
+    loaded = load_pretrained(model, vision_tower)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as staging:
+        staging = Path(staging)
+        write_export(loaded, staging, impl, precision)
+        if validate:
+            from .validate import validate_export
+            validate_export(loaded, staging)
+        _move_into_place(staging, out)
+    return out
+
+
+def write_export(loaded: LoadedModel, directory: Path, impl: MoEImpl, precision: Precision) -> Manifest:
+    """Graphs + tokenizer + manifest into `directory` (no validation)."""
+    reference = loaded.model
+    model = _export_copy(reference, impl, precision)
+    parts = {}
+    steps = [("vision", _export_vision), ("projector", _export_projector), ("embed", _export_embed),
+             ("decoder", _export_decoder)]
+    for name, export_part in tqdm(steps, desc="export", unit="graph"):
+        path = directory / f"{name}.onnx"
+        export_part(model, path, precision.dtype)
+        parts[name] = part_spec(path)
+    loaded.tokenizer.save(str(directory / "tokenizer.json"))
+    manifest = build_manifest(loaded, directory, parts, impl, precision)
+    (directory / "manifest.json").write_text(_json(manifest.to_dict()))
+    return manifest
+
+
+def _export_copy(model, impl: MoEImpl, precision: Precision):
+    """A deep copy in the export precision with its MoE layers swapped for the lowering's op."""
+    import copy
+    clone = copy.deepcopy(model).to_dtype(precision.dtype).eval()
+    swap_in_export_moe(clone, impl)
+    clone.export_impl = impl
+    return clone
+
+
+# ---- the four graphs ----------------------------------------------------------------------------
+def _export_vision(model, path: Path, dtype: torch.dtype) -> None:
+    size = model.vision_tower.spec.config["image_size"]
+    pixels = torch.randn(2, 3, size, size, dtype=dtype)
+    _onnx_export(VisionPart(model), (pixels,), path, ["pixel_values"], ["image_features"],
+                 ({0: torch.export.Dim("images")},))
+
+
+def _export_projector(model, path: Path, dtype: torch.dtype) -> None:
+    features = torch.randn(2, 5, model.config.mm_hidden_size, dtype=dtype)
+    _onnx_export(ProjectorPart(model), (features,), path, ["image_features"], ["image_embeds"],
+                 ({0: torch.export.Dim("images"), 1: torch.export.Dim("image_tokens")},))
+
+
+def _export_embed(model, path: Path, dtype: torch.dtype) -> None:
+    ids = torch.tensor([[1, 2, 3]])
+    _onnx_export(EmbedPart(model), (ids,), path, ["input_ids"], ["inputs_embeds"],
+                 ({0: torch.export.Dim("batch"), 1: torch.export.Dim("sequence")},))
+
+
+def _export_decoder(model, path: Path, dtype: torch.dtype) -> None:
+    args, shapes = decoder_sample(model, dtype)
+    inputs, outputs = decoder_io_names(model.config.num_layers)
+    _onnx_export(DecoderPart(model), args, path, inputs, outputs, shapes,
+                 translation_table(model.export_impl))
+
+
+def _onnx_export(module, args, path: Path, input_names, output_names, dynamic_shapes, translations=None):
+    weights = sum(p.numel() * p.element_size() for p in module.parameters())
+    weights += sum(b.numel() * b.element_size() for b in module.buffers())
+    with _quiet(), torch.inference_mode(False), torch.no_grad():
+        program = torch.onnx.export(module.eval(), args, dynamo=True, opset_version=OPSET,
+                                    input_names=input_names, output_names=output_names,
+                                    dynamic_shapes=dynamic_shapes, custom_translation_table=translations,
+                                    verbose=False, optimize=True)
+    program.save(str(path), external_data=weights > EXTERNAL_DATA_BYTES)
+
+
+@contextlib.contextmanager
+def _quiet():
+    """The exporter narrates every step on stdout; keep the CLI's own progress bar readable."""
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        yield
+
+
+# ---- manifest -----------------------------------------------------------------------------------
+_ONNX_TO_NUMPY = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16",
+                  onnx.TensorProto.INT64: "int64", onnx.TensorProto.INT32: "int32"}
+
+
+def part_spec(path: Path) -> PartSpec:
+    """I/O names, shapes and dtypes as the saved graph declares them."""
+    graph = onnx.load(str(path), load_external_data=False).graph
+
+    def tensors(values):
+        specs = []
+        for v in values:
+            dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
+                    for d in v.type.tensor_type.shape.dim]
+            specs.append(TensorSpec(v.name, tuple(dims), _ONNX_TO_NUMPY[v.type.tensor_type.elem_type]))
+        return tuple(specs)
+    return PartSpec(path.name, tensors(graph.input), tensors(graph.output))
+
+
+def build_manifest(loaded: LoadedModel, directory: Path, parts: dict[str, PartSpec], impl: MoEImpl,
+                   precision: Precision) -> Manifest:
+    model, config = loaded.model, loaded.config
+    kv_heads, head_dim = kv_geometry(model)
+    decoder = DecoderSpec(num_layers=config.num_layers, num_kv_heads=kv_heads, head_dim=head_dim,
+                          hidden_size=config.hidden_size, vocab_size=config.vocab_size,
+                          max_positions=int(config.backbone.get("max_position_embeddings", 2048)))
+    return Manifest(root=directory, format_version=1, model_type=config.model_type, config=config.to_dict(),
+                    precision=precision.value, moe_impl=impl.value, template=loaded.template,
+                    tokenizer="tokenizer.json",
+                    special_tokens=SpecialTokens(loaded.bos_token_id, loaded.eos_token_id,
+                                                 config.backbone.get("pad_token_id")),
+                    image=loaded.image_processor.spec, decoder=decoder, parts=parts,
+                    source={"path": str(loaded.directory), "sha256": checkpoint_digest(loaded.directory)},
+                    versions=_versions())
+
+
+def _versions() -> dict[str, str]:
+    import onnxruntime
+    import transformers
+    from importlib.metadata import version
+    return {"moe-llava-edge": version("moe-llava-edge"), "torch": torch.__version__,
+            "transformers": transformers.__version__, "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__, "opset": str(OPSET)}
+
+
+def _json(d: dict) -> str:
+    import json
+    return json.dumps(d, indent=2) + "\n"
+
+
+# ---- the output directory -----------------------------------------------------------------------
+def _check_target(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "manifest.json").is_file())):
+        raise UserError(f"{out} exists and is not an export directory; choose another --out or remove it")
+
+
+def _move_into_place(staging: Path, out: Path) -> None:
+    """Swap the finished staging dir in; an earlier export at `out` is replaced only now."""
+    final = Path(tempfile.mkdtemp(prefix=f".{out.name}.done.", dir=out.parent))
+    final.rmdir()
+    staging.rename(final)
+    if out.exists():
+        shutil.rmtree(out)
+    final.rename(out)
+    staging.mkdir()  # TemporaryDirectory cleans up the (now empty) staging path

@@ -1,0 +1,351 @@
+"""`moe-export --target tensorrt`: an ONNX export directory -> TensorRT engines, in a new export directory.
+
+  --model DIR      export_onnx (--moe-impl plugin by default) --+
+  --from-onnx DIR  an existing ONNX export (no torch, no onnx) --+--> per part: parse (plugin loaded), strongly
+                                                                      typed, optimisation profiles, timing cache,
+                                                                      workspace limit -> <part>.engine
+  OUT/ = the ONNX export (hard links where the filesystem allows) + vision/projector/embed/decoder.engine
+         + libmoe_llava_plugin.so (for plugin graphs) + manifest.json with an `engines` section.
+
+TensorRT is imported before anything else, so without it nothing is read or written. OUT is assembled next to
+itself and renamed into place at the end: a failed build leaves nothing behind. Precision comes from the graph
+(strongly typed networks; TensorRT 11 has no precision flags): fp16 engines are built from an fp16 export.
+Supports TensorRT 10.3 (JetPack 6) to 11.x; version differences are guarded where the API changed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from runtime.errors import UserError
+from runtime.manifest import MANIFEST_FILE, PARTS, Manifest
+from runtime.trt_engine import (ENGINES_FORMAT, ENGINES_KEY, PLUGIN_ENV, PLUGIN_LIBRARY, EngineSet, detect_gpu,
+                                load_plugin, trt_logger)
+
+from .tensorrt_checks import (GpuTarget, check_moe_impl, check_precision, check_tensorrt_version, parse_version,
+                              resolve_gpu)
+from .tensorrt_profiles import BuildLimits, Profile, plan_profiles
+from .tensorrt_trtexec import format_command, trtexec_command
+
+MOE_IMPLS = ("auto", "ort", "plugin", "portable")
+QUANTISED = ("int8", "int4", "fp8")
+
+
+@dataclass(frozen=True)
+class BuildSettings:
+    limits: BuildLimits
+    gpu: GpuTarget
+    plugin: Path | None = None  # libmoe_llava_plugin.so, for graphs with MoELlavaMoE nodes
+    workspace_mb: int | None = None
+    timing_cache: Path | None = None
+
+
+def import_tensorrt():
+    try:
+        import tensorrt
+        if getattr(tensorrt, "__version__", None) is None:  # a stray directory named tensorrt on sys.path
+            raise ImportError("tensorrt is a namespace package, not TensorRT")
+    except ImportError:
+        raise UserError("--target tensorrt needs TensorRT's Python bindings (tensorrt), which are not installed: "
+                        "on a Jetson they come with JetPack, elsewhere from NVIDIA's package index; use "
+                        "--target onnx here (e.g. --target onnx --moe-impl plugin) and build the engines on the "
+                        "device with --target tensorrt --from-onnx DIR") from None
+    return tensorrt
+
+
+def export_tensorrt(model: str | Path | None = None, from_onnx: str | Path | None = None,
+                    out: str | Path | None = None, moe_impl: str = "auto", precision: str | None = None,
+                    plugin: str | Path | None = None, gpu: str = "auto", max_batch: int = 1, max_seq: int = 2048,
+                    workspace_mb: int | None = None, timing_cache: str | Path | None = None,
+                    vision_tower: str | None = None, calib_data: str | None = None,
+                    calib_min_tokens: int = 32) -> Path:
+    """Build TensorRT engines from `model` (a checkpoint dir or 'demo') or `from_onnx` into `out`."""
+    trt = import_tensorrt()
+    check_tensorrt_version(trt.__version__)
+    out = _check_request(model, from_onnx, out, moe_impl, workspace_mb)
+    limits = BuildLimits(max_batch, max_seq)
+    source = Manifest.load(from_onnx) if from_onnx else None
+    impl = _resolve_impl(moe_impl, source)
+    check_moe_impl(impl)
+    detected = detect_gpu()
+    target = resolve_gpu(gpu, *(detected or (None, "")))
+    graph_precision = source.precision if source else (precision or "fp32")
+    check_precision(graph_precision, target)
+    if source is not None:
+        _note_precision(precision, source)
+    elif graph_precision == "fp32":
+        _note("fp32 graph -> fp32 engines (strongly typed); --precision fp16 halves memory and is what Jetson runs fast")
+    settings = BuildSettings(limits, target, find_plugin(plugin) if impl == "plugin" else None, workspace_mb,
+                             Path(timing_cache) if timing_cache else None)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
+        stage = Path(tmp) / "export"
+        if source is not None:
+            link_export(source.root, stage)
+        else:
+            _export_checkpoint(model, stage, impl, graph_precision, vision_tower, calib_data, calib_min_tokens)
+        manifest = Manifest.load(stage)
+        settings = replace(settings, limits=_fit_limits(limits, manifest))
+        plan = plan_profiles(manifest, settings.limits)
+        section = build_engines(trt, manifest, plan, settings)
+        write_manifest(stage, section, trt.__version__)
+        _move_into_place(stage, out)
+    print_trtexec(out, Manifest.load(out), plan, settings)
+    return out
+
+
+# ---- requests and sources -----------------------------------------------------------------------
+def _check_request(model, from_onnx, out, moe_impl: str | None, workspace_mb: int | None) -> Path:
+    if out is None:
+        raise UserError("--out is required")
+    if bool(model) == bool(from_onnx):
+        raise UserError("give either --model (export, then build) or --from-onnx DIR (build from an ONNX export)")
+    if (moe_impl or "auto") not in MOE_IMPLS:
+        raise UserError(f"--moe-impl {moe_impl!r}: expected one of {MOE_IMPLS}")
+    if workspace_mb is not None and workspace_mb < 1:
+        raise UserError(f"--workspace-mb must be at least 1, got {workspace_mb}")
+    out = Path(out)
+    _check_target(out)
+    return out
+
+
+def _fit_limits(limits: BuildLimits, manifest: Manifest) -> BuildLimits:
+    fitted = limits.fit(manifest.decoder)
+    if fitted != limits:
+        _note(f"--max-seq {limits.max_seq} is more than the model's {fitted.max_seq} positions: "
+              f"the engines take {fitted.max_seq}")
+    return fitted
+
+
+def _resolve_impl(moe_impl: str | None, source: Manifest | None) -> str:
+    """The lowering the engines get: the ONNX export's own, or --moe-impl resolved for TensorRT."""
+    requested = moe_impl or "auto"
+    if source is None:
+        from .moe_lowering import MoEImpl  # torch: the checkpoint path needs it anyway
+        return MoEImpl(requested).resolve("tensorrt").value
+    if requested not in ("auto", source.moe_impl):
+        raise UserError(f"--moe-impl {requested} but {source.root} was exported with --moe-impl "
+                        f"{source.moe_impl}; re-export it with --target onnx --moe-impl {requested}")
+    return source.moe_impl
+
+
+def _export_checkpoint(model, stage: Path, impl: str, precision: str, vision_tower, calib_data,
+                       calib_min_tokens: int) -> None:
+    """The ONNX export (validated against PyTorch) straight into the staging directory."""
+    from .moe_lowering import MoEImpl
+    if precision in QUANTISED:
+        try:
+            from calibration.quantize import export_quantized
+        except ImportError:
+            raise UserError(f"--precision {precision} needs calibration.quantize, which this install lacks; "
+                            "quantise with --target onnx first and build with --from-onnx") from None
+        export_quantized(model, stage, impl, precision, vision_tower, calib_data=calib_data,
+                         calib_min_tokens=calib_min_tokens, validate=True)
+        return
+    from .onnx_export import export_onnx
+    export_onnx(model, stage, MoEImpl(impl), precision, vision_tower, validate=True)
+
+
+def link_export(source: Path, stage: Path) -> None:
+    """Stage an ONNX export: hard links (no extra disk on an eMMC Jetson) or copies across filesystems.
+    manifest.json is copied, never linked, because it is rewritten; old engines and plugin copies are left out."""
+    stage.mkdir(parents=True)
+    for f in sorted(Path(source).iterdir()):
+        if not f.is_file() or f.suffix == ".engine" or f.name == PLUGIN_LIBRARY:
+            continue
+        if f.name == MANIFEST_FILE:
+            shutil.copyfile(f, stage / f.name)
+            continue
+        try:
+            os.link(f, stage / f.name)
+        except OSError:
+            shutil.copy2(f, stage / f.name)
+
+
+def find_plugin(explicit: str | Path | None = None) -> Path:
+    if explicit:
+        path = Path(explicit)
+        if not path.is_file():
+            raise UserError(f"--plugin {path}: no such file; build it with runtime/plugins/build.sh")
+        return path
+    candidates = plugin_candidates()
+    found = next((c for c in candidates if c.is_file()), None)
+    if found is None:
+        raise UserError(f"the decoder has MoELlavaMoE plugin nodes but {PLUGIN_LIBRARY} was not found (looked at "
+                        f"{', '.join(map(str, candidates))}); build it here with runtime/plugins/build.sh "
+                        "-DCMAKE_CUDA_ARCHITECTURES=87 (Orin) and pass --plugin PATH, or export --moe-impl portable")
+    return found
+
+
+def plugin_candidates() -> list[Path]:
+    """$MOE_LLAVA_PLUGIN, then the CMake build dir and the package dir of runtime/plugins."""
+    import runtime
+    plugins = Path(runtime.__file__).resolve().parent / "plugins"
+    env = os.environ.get(PLUGIN_ENV)
+    return ([Path(env)] if env else []) + [plugins / "build" / PLUGIN_LIBRARY, plugins / PLUGIN_LIBRARY]
+
+
+# ---- building -----------------------------------------------------------------------------------
+def network_flags(trt) -> int:
+    """Strongly typed (precision from the graph). TensorRT 11 always is, and ignores the flag."""
+    flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+    if flag is None or parse_version(trt.__version__)[0] >= 11:
+        return 0
+    return 1 << int(flag)
+
+
+def build_engines(trt, manifest: Manifest, plan: dict[str, tuple[Profile, ...]],
+                  settings: BuildSettings) -> dict[str, Any]:
+    """All four engines into manifest.root; returns the manifest's `engines` section."""
+    logger = trt_logger(trt)
+    if hasattr(trt, "init_libnvinfer_plugins"):
+        trt.init_libnvinfer_plugins(logger, "")
+    if settings.plugin is not None:
+        load_plugin(trt, settings.plugin)  # before parsing: the parser maps MoELlavaMoE nodes to its creator
+    cache = TimingCache(settings.timing_cache)
+    parts = {}
+    for part in PARTS:
+        _note(f"building {part}.engine ({len(plan[part])} profile(s)) from {manifest.parts[part].file}")
+        engine = build_engine(trt, manifest, part, plan[part], settings, cache)
+        with open(manifest.root / f"{part}.engine", "wb") as f:
+            f.write(engine)
+        del engine  # host memory is GPU memory on a Jetson: drop each plan once written
+        parts[part] = {"file": f"{part}.engine", "profiles": [p.to_dict() for p in plan[part]]}
+    cache.save()
+    if settings.plugin is not None:
+        shutil.copy2(settings.plugin, manifest.root / PLUGIN_LIBRARY)
+    return engines_section(trt.__version__, parts, settings)
+
+
+def build_engine(trt, manifest: Manifest, part: str, profiles: tuple[Profile, ...], settings: BuildSettings,
+                 cache: TimingCache):
+    """Parse <part>.onnx and build its serialised engine (an IHostMemory)."""
+    logger = trt_logger(trt)
+    onnx_path = manifest.path(part)
+    builder = trt.Builder(logger)
+    network = builder.create_network(network_flags(trt))
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):  # from the file, so external weights (.data) resolve
+        raise UserError(f"{onnx_path}: TensorRT's ONNX parser failed: {_parser_error(parser)}")
+    check_network_inputs(part, [network.get_input(i).name for i in range(network.num_inputs)], manifest)
+    config = builder.create_builder_config()
+    if settings.workspace_mb:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, settings.workspace_mb << 20)
+    cache.attach(config)
+    for profile in profiles:
+        trt_profile = builder.create_optimization_profile()
+        for name, r in profile.shapes.items():
+            trt_profile.set_shape(name, r.min, r.opt, r.max)
+        if config.add_optimization_profile(trt_profile) < 0:
+            raise UserError(f"{part}: TensorRT refused profile {profile.name!r} ({logger.last_error()})")
+    engine = builder.build_serialized_network(network, config)
+    if engine is None:
+        raise UserError(f"{part}: TensorRT could not build the engine ({logger.last_error()}); the trtexec line "
+                        f"printed by a successful build, or trtexec --onnx={onnx_path} --verbose, shows more")
+    return engine
+
+
+def check_network_inputs(part: str, names: list[str], manifest: Manifest) -> None:
+    want = {t.name for t in manifest.parts[part].inputs}
+    if set(names) != want:
+        raise UserError(f"{manifest.path(part)}: TensorRT sees inputs {sorted(names)}, the manifest declares "
+                        f"{sorted(want)}; re-run moe-export --target onnx")
+
+
+def _parser_error(parser) -> str:
+    if not parser.num_errors:
+        return "no error reported"
+    error = parser.get_error(0)
+    node = getattr(error, "node_name", lambda: "")() or error.node()
+    more = f" (+{parser.num_errors - 1} more)" if parser.num_errors > 1 else ""
+    return f"{error.desc()} at node {node!r}{more}"
+
+
+class TimingCache:
+    """One timing cache shared by the four builds; loaded from and saved to --timing-cache when given."""
+
+    def __init__(self, path: Path | None):
+        self.path, self.cache = path, None
+
+    def attach(self, config) -> None:
+        if self.cache is None:
+            data = self.path.read_bytes() if self.path is not None and self.path.is_file() else b""
+            self.cache = config.create_timing_cache(data)
+        if not config.set_timing_cache(self.cache, False):
+            _note(f"timing cache {self.path} does not match this GPU/TensorRT; starting a new one")
+            self.cache = config.create_timing_cache(b"")
+            config.set_timing_cache(self.cache, False)
+
+    def save(self) -> None:
+        if self.path is None or self.cache is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        partial = self.path.with_name(self.path.name + ".partial")
+        with open(partial, "wb") as f:
+            f.write(self.cache.serialize())
+        os.replace(partial, self.path)
+
+
+# ---- manifest and output ------------------------------------------------------------------------
+def engines_section(tensorrt_version: str, parts: dict[str, Any], settings: BuildSettings) -> dict[str, Any]:
+    gpu = settings.gpu
+    return {
+        "format": ENGINES_FORMAT, "tensorrt_version": tensorrt_version, "parts": parts,
+        "plugin": PLUGIN_LIBRARY if settings.plugin is not None else None,
+        "gpu": {"family": gpu.family, "name": gpu.name,
+                "compute_capability": f"{gpu.sm[0]}.{gpu.sm[1]}" if gpu.measured and gpu.sm else None},
+        "max_batch": settings.limits.max_batch, "max_seq": settings.limits.max_seq,
+        "workspace_mb": settings.workspace_mb,
+    }
+
+
+def write_manifest(directory: Path, section: dict[str, Any], tensorrt_version: str) -> None:
+    """The ONNX manifest plus the engines section; read back through the runtime's own loaders."""
+    path = directory / MANIFEST_FILE
+    raw = json.loads(path.read_text(encoding="utf-8"))
+    raw[ENGINES_KEY] = section
+    raw.setdefault("versions", {})["tensorrt"] = tensorrt_version
+    path.write_text(json.dumps(raw, indent=2) + "\n", encoding="utf-8")
+    EngineSet.load(Manifest.load(directory)).check_files(directory / PLUGIN_LIBRARY if section["plugin"] else None)
+
+
+def print_trtexec(out: Path, manifest: Manifest, plan: dict[str, tuple[Profile, ...]],
+                  settings: BuildSettings) -> None:
+    print("equivalent trtexec commands (to rebuild or tune an engine by hand):")
+    for part in PARTS:
+        argv = trtexec_command(out / manifest.parts[part].file, out / f"{part}.engine", plan[part],
+                               out / PLUGIN_LIBRARY if settings.plugin is not None else None,
+                               settings.workspace_mb, settings.timing_cache)
+        print(f"  {format_command(argv)}")
+
+
+def _note_precision(precision: str | None, source: Manifest) -> None:
+    if precision not in (None, "fp32", source.precision):
+        _note(f"--precision {precision} ignored: engines keep the ONNX graph's precision ({source.precision}); "
+              f"re-export with --target onnx --precision {precision} to change it")
+
+
+def _note(message: str) -> None:
+    print(f"moe-export: {message}", file=sys.stderr, flush=True)
+
+
+def _check_target(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST_FILE).is_file())):
+        raise UserError(f"{out} exists and is not an export directory; choose another --out or remove it")
+
+
+def _move_into_place(staging: Path, out: Path) -> None:
+    """Swap the finished staging dir in; an earlier export at `out` (even the --from-onnx source, whose files
+    the staging dir holds hard links to) is replaced only now."""
+    final = Path(tempfile.mkdtemp(prefix=f".{out.name}.done.", dir=out.parent))
+    final.rmdir()
+    staging.rename(final)
+    if out.exists():
+        shutil.rmtree(out)
+    final.rename(out)

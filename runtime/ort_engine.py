@@ -1,0 +1,223 @@
+"""Engine over an export directory with ONNX Runtime (CPU by default, CUDA when requested and available).
+
+Shapes: N images, P visual tokens, S new positions, n cached positions, H hidden, V vocab, L layers,
+KVH kv heads, D head dim. onnxruntime is imported on first use, so the package imports without it.
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from runtime.errors import UserError
+from runtime.kv_cache import KINDS, KVCache, check_room
+from runtime.manifest import Manifest, PartSpec
+
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+PROVIDER_ALIASES = {"cpu": CPU, "cuda": CUDA}
+
+
+def import_onnxruntime():
+    try:
+        import onnxruntime
+    except ImportError:
+        raise UserError("onnxruntime is not installed: pip install onnxruntime "
+                        "(or onnxruntime-gpu for CUDA)") from None
+    return onnxruntime
+
+
+def resolve_providers(ort, providers: Sequence[str] | None) -> list[str]:
+    """Requested execution providers that this onnxruntime build has, CPU last as the fallback."""
+    requested = [PROVIDER_ALIASES.get(p.lower(), p) for p in (providers or [CPU])]
+    available = set(ort.get_available_providers())
+    missing = [p for p in requested if p not in available]
+    if missing:
+        warnings.warn(f"onnxruntime {ort.__version__} lacks {missing} (has {sorted(available)}); "
+                      f"falling back to the rest. For CUDA: pip install onnxruntime-gpu", RuntimeWarning,
+                      stacklevel=3)
+    return [p for p in requested if p in available and p != CPU] + [CPU]
+
+
+class PartSession:
+    """One part's InferenceSession; casts float inputs to the dtypes the manifest declares."""
+
+    def __init__(self, ort, path: Path, spec: PartSpec, providers: list[str], options):
+        try:
+            self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+        except Exception as e:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)
+            raise UserError(f"{path}: onnxruntime cannot load it: {str(e).splitlines()[0]}") from None
+        self.spec = spec
+        _check_names(path, "inputs", spec.inputs, self.session.get_inputs())
+        _check_names(path, "outputs", spec.outputs, self.session.get_outputs())
+
+    def cast(self, name: str, array: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(array, dtype=self.spec.input(name).np_dtype)
+
+    def run(self, **inputs: np.ndarray) -> list[np.ndarray]:
+        return self.session.run(None, {k: self.cast(k, v) for k, v in inputs.items()})
+
+
+def _check_names(path: Path, kind: str, declared, actual) -> None:
+    want, got = {t.name for t in declared}, {t.name for t in actual}
+    if want != got:
+        raise UserError(f"{path}: {kind} {sorted(got)} do not match the manifest's {sorted(want)}; "
+                        "re-run moe-export")
+
+
+class OrtEngine:
+    """runtime.engine.Engine over vision/projector/embed/decoder.onnx."""
+
+    def __init__(self, engine_dir: str | Path, manifest: Manifest | None = None,
+                 providers: Sequence[str] | None = None, threads: int | None = None, max_len: int | None = None):
+        ort = import_onnxruntime()
+        self.manifest = manifest if manifest is not None else Manifest.load(engine_dir)
+        self.providers = resolve_providers(ort, providers)
+        self.hidden_size = self.manifest.decoder.hidden_size
+        self.sessions = {part: PartSession(ort, self.manifest.path(part), self.manifest.parts[part],
+                                           self.providers, _options(ort, part, threads))
+                         for part in ("vision", "projector", "embed", "decoder")}
+        decoder = self.sessions["decoder"]
+        max_len = max_len or self.manifest.decoder.max_positions
+        if CUDA in decoder.session.get_providers():
+            self._decoder = DeviceDecoder(ort, decoder, self.manifest, max_len, device="cuda")
+        else:
+            self._decoder = HostDecoder(ort, decoder, self.manifest, max_len)
+
+    def encode_images(self, pixel_values: np.ndarray) -> np.ndarray:
+        (features,) = self.sessions["vision"].run(pixel_values=pixel_values)  # [N,P,Dv]
+        (embeds,) = self.sessions["projector"].run(image_features=features)  # [N,P,H]
+        return embeds.astype(np.float32, copy=False)
+
+    def embed_tokens(self, token_ids: np.ndarray) -> np.ndarray:
+        (embeds,) = self.sessions["embed"].run(input_ids=np.asarray(token_ids).reshape(1, -1))  # [1,S,H]
+        return embeds[0].astype(np.float32, copy=False)
+
+    def prefill(self, inputs_embeds: np.ndarray) -> np.ndarray:
+        return self._decoder.step(inputs_embeds, reset=True)
+
+    def decode(self, token_id: int) -> np.ndarray:
+        return self._decoder.step(self.embed_tokens(np.array([token_id], dtype=np.int64)), reset=False)
+
+    @property
+    def cache_length(self) -> int:
+        return self._decoder.length
+
+    def close(self) -> None:
+        self.sessions.clear()
+        self._decoder = None
+
+    def __enter__(self) -> OrtEngine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _options(ort, part: str, threads: int | None):
+    options = ort.SessionOptions()
+    if part == "decoder":
+        if threads:
+            options.intra_op_num_threads = threads
+        return options
+    # The other parts run between decoder steps (embed) or once per request: no spinning worker threads
+    # that would compete with the decoder's on a 2-core board; the embedding Gather needs no pool at all.
+    options.intra_op_num_threads = 1 if part == "embed" else (threads or 0)
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
+
+
+class _DecoderBase:
+    """Feeds decoder.onnx one step: [S,H] embeds after n cached positions -> logits [V] float32."""
+
+    def __init__(self, part: PartSession, manifest: Manifest, max_len: int):
+        self.part = part
+        self.layers = manifest.decoder.num_layers
+        self.shape = (manifest.decoder.num_kv_heads, manifest.decoder.head_dim)
+        self.cache_dtype = part.spec.input("past_key_values.0.key").np_dtype
+        self.max_len = max_len
+
+    def step_inputs(self, embeds: np.ndarray, past: int) -> dict[str, np.ndarray]:
+        s = embeds.shape[0]
+        return {
+            "inputs_embeds": self.part.cast("inputs_embeds", embeds[None]),  # [1,S,H]
+            "attention_mask": np.ones((1, past + s), dtype=np.int64),  # [1,n+S]
+            "position_ids": np.arange(past, past + s, dtype=np.int64)[None],  # [1,S]
+        }
+
+
+class HostDecoder(_DecoderBase):
+    """CPU path: past and present live in a preallocated KVCache, bound with IOBinding (no copies of ours)."""
+
+    def __init__(self, ort, part: PartSession, manifest: Manifest, max_len: int):
+        super().__init__(part, manifest, max_len)
+        self.cache = KVCache(self.layers, *self.shape, max_len, self.cache_dtype)
+        logits_spec = part.spec.output("logits")
+        self.logits = np.empty((1, manifest.decoder.vocab_size), logits_spec.np_dtype)  # [1,V]
+
+    @property
+    def length(self) -> int:
+        return self.cache.length
+
+    def step(self, embeds: np.ndarray, reset: bool) -> np.ndarray:
+        if reset:
+            self.cache.reset()
+        s = embeds.shape[0]
+        self.cache.check_room(s)
+        binding = self.part.session.io_binding()
+        inputs = self.step_inputs(embeds, self.cache.length)  # kept alive until the run is done
+        for name, array in inputs.items():
+            binding.bind_cpu_input(name, array)
+        _bind_array_output(binding, "logits", self.logits)
+        for i in range(self.layers):
+            for k, kind in enumerate(KINDS):
+                binding.bind_cpu_input(f"past_key_values.{i}.{kind}", self.cache.past(i, k))
+                _bind_array_output(binding, f"present.{i}.{kind}", self.cache.present_buffer(i, k, s))
+        self.part.session.run_with_iobinding(binding)
+        self.cache.commit(s)
+        return self.logits[0].astype(np.float32)  # a copy: the buffer is reused next step
+
+
+def _bind_array_output(binding, name: str, array: np.ndarray) -> None:
+    binding.bind_output(name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
+
+
+class DeviceDecoder(_DecoderBase):
+    """CUDA path: presents stay on the device as OrtValues and are bound as the next step's pasts.
+
+    onnxruntime allocates each present from its device arena; only embeds, mask, positions go up and the
+    logits come down per step. `device` may be "cpu" to exercise this path without a GPU.
+    """
+
+    def __init__(self, ort, part: PartSession, manifest: Manifest, max_len: int, device: str = "cuda"):
+        super().__init__(part, manifest, max_len)
+        self.ort, self.device = ort, device
+        self.length = 0
+        self.past = self._empty_past()  # 2L OrtValues [1,KVH,n,D] on the device, (key, value) per layer
+
+    def step(self, embeds: np.ndarray, reset: bool) -> np.ndarray:
+        if reset:
+            self.length, self.past = 0, self._empty_past()
+        s = embeds.shape[0]
+        check_room(self.length, s, self.max_len)
+        binding = self.part.session.io_binding()
+        inputs = self.step_inputs(embeds, self.length)
+        for name, array in inputs.items():
+            binding.bind_cpu_input(name, array)
+        names = [f"{i}.{kind}" for i in range(self.layers) for kind in KINDS]
+        for name, value in zip(names, self.past):
+            binding.bind_ortvalue_input(f"past_key_values.{name}", value)
+        binding.bind_output("logits", self.device)
+        for name in names:
+            binding.bind_output(f"present.{name}", self.device)
+        self.part.session.run_with_iobinding(binding)
+        logits, *self.past = binding.get_outputs()
+        self.length += s
+        return logits.numpy()[0].astype(np.float32)
+
+    def _empty_past(self) -> list:
+        shape = [1, self.shape[0], 0, self.shape[1]]  # [1,KVH,0,D]
+        return [self.ort.OrtValue.ortvalue_from_shape_and_type(shape, self.cache_dtype, self.device, 0)
+                for _ in range(2 * self.layers)]
