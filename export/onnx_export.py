@@ -8,8 +8,6 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import shutil
-import tempfile
 import warnings
 from enum import Enum
 from pathlib import Path
@@ -19,9 +17,9 @@ import torch
 from tqdm import tqdm
 
 from moe_llava.loading import LoadedModel, checkpoint_digest, load_pretrained
-from runtime.errors import UserError
 from runtime.manifest import DecoderSpec, Manifest, PartSpec, SpecialTokens, TensorSpec
 
+from .output_dir import check_target, staged_output
 from .moe_lowering import MoEImpl, swap_in_export_moe, translation_table
 from .parts import DecoderPart, EmbedPart, ProjectorPart, VisionPart, decoder_io_names, decoder_sample, kv_geometry
 
@@ -43,18 +41,15 @@ def export_onnx(model: str | Path, out: str | Path, moe_impl: MoEImpl = MoEImpl.
                 validate: bool = True) -> Path:
     """Export `model` (a checkpoint dir or 'demo') into `out`; returns `out`."""
     out = Path(out)
-    _check_target(out)
+    check_target(out)
     impl = MoEImpl(moe_impl).resolve("onnx")
     precision = Precision(precision)
     loaded = load_pretrained(model, vision_tower)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as staging:
-        staging = Path(staging)
+    with staged_output(out) as staging:
         write_export(loaded, staging, impl, precision)
         if validate:
             from .validate import validate_export
             validate_export(loaded, staging)
-        _move_into_place(staging, out)
     return out
 
 
@@ -179,20 +174,3 @@ def _versions() -> dict[str, str]:
 def _json(d: dict) -> str:
     import json
     return json.dumps(d, indent=2) + "\n"
-
-
-# ---- the output directory -----------------------------------------------------------------------
-def _check_target(out: Path) -> None:
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "manifest.json").is_file())):
-        raise UserError(f"{out} exists and is not an export directory; choose another --out or remove it")
-
-
-def _move_into_place(staging: Path, out: Path) -> None:
-    """Swap the finished staging dir in; an earlier export at `out` is replaced only now."""
-    final = Path(tempfile.mkdtemp(prefix=f".{out.name}.done.", dir=out.parent))
-    final.rmdir()
-    staging.rename(final)
-    if out.exists():
-        shutil.rmtree(out)
-    final.rename(out)
-    staging.mkdir()  # TemporaryDirectory cleans up the (now empty) staging path

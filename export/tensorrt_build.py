@@ -18,7 +18,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from runtime.manifest import MANIFEST_FILE, PARTS, Manifest
 from runtime.trt_engine import (ENGINES_FORMAT, ENGINES_KEY, PLUGIN_ENV, PLUGIN_LIBRARY, EngineSet, detect_gpu,
                                 load_plugin, trt_logger)
 
+from .output_dir import check_target, staged_output
 from .tensorrt_checks import (GpuTarget, check_moe_impl, check_precision, check_tensorrt_version, parse_version,
                               resolve_gpu)
 from .tensorrt_profiles import BuildLimits, Profile, plan_profiles
@@ -73,31 +73,29 @@ def export_tensorrt(model: str | Path | None = None, from_onnx: str | Path | Non
     source = Manifest.load(from_onnx) if from_onnx else None
     impl = _resolve_impl(moe_impl, source)
     check_moe_impl(impl)
-    detected = detect_gpu()
-    target = resolve_gpu(gpu, *(detected or (None, "")))
+    target = resolve_gpu(gpu, *(detect_gpu() or (None, "")))
     graph_precision = source.precision if source else (precision or "fp32")
     check_precision(graph_precision, target)
-    if source is not None:
-        _note_precision(precision, source)
-    elif graph_precision == "fp32":
-        _note("fp32 graph -> fp32 engines (strongly typed); --precision fp16 halves memory and is what Jetson runs fast")
+    _note_precision(precision, graph_precision, source)
     settings = BuildSettings(limits, target, find_plugin(plugin) if impl == "plugin" else None, workspace_mb,
                              Path(timing_cache) if timing_cache else None)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
-        stage = Path(tmp) / "export"
+    with staged_output(out) as stage:
         if source is not None:
             link_export(source.root, stage)
         else:
             _export_checkpoint(model, stage, impl, graph_precision, vision_tower, calib_data, calib_min_tokens)
-        manifest = Manifest.load(stage)
-        settings = replace(settings, limits=_fit_limits(limits, manifest))
-        plan = plan_profiles(manifest, settings.limits)
-        section = build_engines(trt, manifest, plan, settings)
-        write_manifest(stage, section, trt.__version__)
-        _move_into_place(stage, out)
+        plan, settings = build_into(trt, stage, settings)
     print_trtexec(out, Manifest.load(out), plan, settings)
     return out
+
+
+def build_into(trt, stage: Path, settings: BuildSettings) -> tuple[dict[str, tuple[Profile, ...]], BuildSettings]:
+    """Engines for the ONNX export in `stage`, written next to it, and its manifest extended."""
+    manifest = Manifest.load(stage)
+    settings = replace(settings, limits=_fit_limits(settings.limits, manifest))
+    plan = plan_profiles(manifest, settings.limits)
+    write_manifest(stage, build_engines(trt, manifest, plan, settings), trt.__version__)
+    return plan, settings
 
 
 # ---- requests and sources -----------------------------------------------------------------------
@@ -111,7 +109,7 @@ def _check_request(model, from_onnx, out, moe_impl: str | None, workspace_mb: in
     if workspace_mb is not None and workspace_mb < 1:
         raise UserError(f"--workspace-mb must be at least 1, got {workspace_mb}")
     out = Path(out)
-    _check_target(out)
+    check_target(out)
     return out
 
 
@@ -155,7 +153,7 @@ def _export_checkpoint(model, stage: Path, impl: str, precision: str, vision_tow
 def link_export(source: Path, stage: Path) -> None:
     """Stage an ONNX export: hard links (no extra disk on an eMMC Jetson) or copies across filesystems.
     manifest.json is copied, never linked, because it is rewritten; old engines and plugin copies are left out."""
-    stage.mkdir(parents=True)
+    stage.mkdir(parents=True, exist_ok=True)
     for f in sorted(Path(source).iterdir()):
         if not f.is_file() or f.suffix == ".engine" or f.name == PLUGIN_LIBRARY:
             continue
@@ -325,27 +323,13 @@ def print_trtexec(out: Path, manifest: Manifest, plan: dict[str, tuple[Profile, 
         print(f"  {format_command(argv)}")
 
 
-def _note_precision(precision: str | None, source: Manifest) -> None:
-    if precision not in (None, "fp32", source.precision):
-        _note(f"--precision {precision} ignored: engines keep the ONNX graph's precision ({source.precision}); "
-              f"re-export with --target onnx --precision {precision} to change it")
+def _note_precision(requested: str | None, graph: str, source: Manifest | None) -> None:
+    if source is not None and requested not in (None, "fp32", graph):
+        _note(f"--precision {requested} ignored: engines keep the ONNX graph's precision ({graph}); "
+              f"re-export with --target onnx --precision {requested} to change it")
+    elif source is None and graph == "fp32":
+        _note("fp32 graph -> fp32 engines (strongly typed); --precision fp16 halves memory and runs fast on Jetson")
 
 
 def _note(message: str) -> None:
     print(f"moe-export: {message}", file=sys.stderr, flush=True)
-
-
-def _check_target(out: Path) -> None:
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST_FILE).is_file())):
-        raise UserError(f"{out} exists and is not an export directory; choose another --out or remove it")
-
-
-def _move_into_place(staging: Path, out: Path) -> None:
-    """Swap the finished staging dir in; an earlier export at `out` (even the --from-onnx source, whose files
-    the staging dir holds hard links to) is replaced only now."""
-    final = Path(tempfile.mkdtemp(prefix=f".{out.name}.done.", dir=out.parent))
-    final.rmdir()
-    staging.rename(final)
-    if out.exists():
-        shutil.rmtree(out)
-    final.rename(out)

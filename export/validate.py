@@ -21,7 +21,6 @@ from PIL import Image
 
 from moe_llava.engine import TorchEngine
 from moe_llava.loading import LoadedModel
-from moe_llava.moe import MoELayer
 from runtime.errors import UserError
 from runtime.generation import Pipeline
 from runtime.manifest import Manifest
@@ -39,7 +38,10 @@ class Tolerance:
     greedy_agreement: float
 
 
-TOLERANCES = {"fp32": Tolerance(1e-4, 1e-4, 0.99, 0.9), "fp16": Tolerance(5e-2, 5e-2, 0.9, 0.5)}
+TOLERANCES = {"fp32": Tolerance(1e-4, 1e-4, 0.99, 0.9), "fp16": Tolerance(5e-2, 5e-2, 0.9, 0.5),
+              # quantised exports: greedy agreement is gated in calibration/validation.py (with logit cosine and
+              # POPE) only for models that can answer at all - a random tiny model's near-tied logits flip anyway
+              "int8": Tolerance(5e-2, 0.25, 0.9, 0.0), "int4": Tolerance(0.1, 0.5, 0.85, 0.0)}
 
 
 def validate_export(loaded: LoadedModel, directory: Path, max_new_tokens: int = 12) -> dict:

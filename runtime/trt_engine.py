@@ -4,12 +4,13 @@ Shapes: N images, P visual tokens, S new positions, n cached positions, M max po
 L layers, KVH kv heads, D head dim.
 
 Everything lives on the device: the vision output feeds the projector directly, a decode step embeds its token
-straight into the decoder's input buffer, position_ids and attention_mask are views into a device arange / ones
-of length M, and the KV cache is two preallocated [L, 2, KVH*M*D] halves used in turn (the ping-pong of
-runtime/kv_cache.py: past = a prefix of one half viewed [1,KVH,n,D], present written into the other). Per step
-only the embeddings (prefill) or one token id (decode) go up and the logits [V] come down. All execution
-contexts run on one stream and share one activation block (TensorRT's USER_MANAGED allocation), which matters
-on an 8 GB Jetson where GPU memory is the system's RAM.
+straight into the decoder's input buffer, attention_mask is a prefix of a device ones[M], position_ids a prefix
+of a device arange[M] (prefill) or one slot of a device table holding n at slot n (decode: TensorRT wants every
+tensor address 256-byte aligned, so arange[n:] will not do), and the KV cache is two preallocated
+[L, 2, KVH*M*D] halves used in turn (the ping-pong of runtime/kv_cache.py: past = a prefix of one half viewed
+[1,KVH,n,D], present written into the other). Per step only the embeddings (prefill) or one token id (decode)
+go up and the logits [V] come down. All execution contexts run on one stream and share one activation block
+(TensorRT's USER_MANAGED allocation), which matters on an 8 GB Jetson where GPU memory is the system's RAM.
 
 The decoder has two optimisation profiles (export/tensorrt_profiles.py): "prefill" (S 1..M, empty past) and
 "decode" (S = 1, past 0..M-1), one execution context each.
@@ -43,6 +44,7 @@ PLUGIN_ENV = "MOE_LLAVA_PLUGIN"  # overrides the plugin library an engine direct
 ENGINES_KEY = "engines"  # the manifest section moe-export --target tensorrt writes
 ENGINES_FORMAT = 1
 PREFILL, DECODE = "prefill", "decode"
+ALIGNMENT = 256  # bytes: what TensorRT requires of every tensor address (setTensorAddress)
 Dims = tuple[int, ...]
 
 
@@ -200,6 +202,18 @@ class EngineSet:
 _ENGINE_KEYS = ("format", "tensorrt_version", "parts", "plugin", "gpu", "max_batch", "max_seq")
 
 
+def _aligned(nbytes: int) -> int:
+    return -(-nbytes // ALIGNMENT) * ALIGNMENT
+
+
+def position_table(max_len: int, dtype) -> np.ndarray:
+    """[M, ALIGNMENT/itemsize] with row n = n, ...: row n's address is an aligned [1,1] position_ids = n."""
+    dtype = np.dtype(dtype)
+    table = np.zeros((max_len, ALIGNMENT // dtype.itemsize), dtype)
+    table[:, 0] = np.arange(max_len)
+    return table
+
+
 def _release(version: str) -> tuple[str, ...]:
     return tuple(str(version).split(".")[:3])
 
@@ -216,7 +230,7 @@ class KVLayout:
 
     @property
     def slot_bytes(self) -> int:
-        return self.num_kv_heads * self.max_len * self.head_dim * self.itemsize
+        return _aligned(self.num_kv_heads * self.max_len * self.head_dim * self.itemsize)
 
     @property
     def nbytes(self) -> int:
@@ -234,19 +248,23 @@ class DecoderBuffers:
     """Device addresses of the decoder's buffers."""
     embeds: int  # [M,H] in the decoder's input dtype
     mask: int  # ones [M]
-    positions: int  # arange [M]
+    positions: int  # arange [M]: prefill's position_ids
+    position_table: int  # M slots of ALIGNMENT bytes, slot n holding n: decode's position_ids
     logits: int  # [1,V]
     kv: int  # KVLayout.nbytes
-    position_itemsize: int
 
 
 def decoder_bindings(layout: KVLayout, buffers: DecoderBuffers, hidden: int, cached: int, new: int,
                      side: int) -> tuple[dict[str, Dims], dict[str, int]]:
-    """(input shapes, tensor addresses) of one step: `cached` positions in half `side`, `new` positions in."""
+    """(input shapes, tensor addresses) of one step: `cached` positions in half `side`, `new` positions in.
+    Steps are a prefill (cached == 0) or one decoded position, as the decoder's two profiles are."""
+    if cached and new != 1:
+        raise ValueError(f"{new} new positions after {cached} cached: only prefill or single-position decode")
     shapes: dict[str, Dims] = {"inputs_embeds": (1, new, hidden), "attention_mask": (1, cached + new),
                                "position_ids": (1, new)}
+    positions = buffers.position_table + cached * ALIGNMENT if cached else buffers.positions  # [n] or arange[:S]
     addresses = {"inputs_embeds": buffers.embeds, "attention_mask": buffers.mask, "logits": buffers.logits,
-                 "position_ids": buffers.positions + cached * buffers.position_itemsize}  # arange[n:n+S]
+                 "position_ids": positions}
     for layer in range(layout.num_layers):
         for k, kind in enumerate(KINDS):
             shapes[f"past_key_values.{layer}.{kind}"] = layout.shape(cached)
@@ -334,9 +352,12 @@ class Cuda:
     def launch(self, graph_exec, stream) -> None:
         self.check(self.rt.cudaGraphLaunch(graph_exec, stream), "cudaGraphLaunch")
 
-    def close(self) -> None:
-        for stream in self._streams:  # nothing may still be reading or writing what is freed below
+    def synchronize(self) -> None:
+        for stream in self._streams:
             self.rt.cudaStreamSynchronize(stream)
+
+    def close(self) -> None:
+        self.synchronize()  # nothing may still be reading or writing what is freed below
         for ptr in self._device:
             self.rt.cudaFree(ptr)
         for ptr in self._host:
@@ -398,16 +419,16 @@ class Runner:
             else part.engine.create_execution_context()
         if self.context is None:
             raise UserError(f"{part.path}: cannot create an execution context ({trt_logger(trt).last_error()})")
-        if profile and not self.context.set_optimization_profile_async(profile, int(stream)):
-            raise UserError(f"{part.path}: cannot select optimisation profile {profile}")
 
-    def set_memory(self, ptr: int, size: int) -> None:
-        if not self.user_memory:
-            return
-        if hasattr(self.context, "set_device_memory"):  # 10.1+
-            self.context.set_device_memory(ptr, size)
-        else:
-            self.context.device_memory = ptr
+    def activate(self, memory: int, size: int) -> None:
+        """Give the context its activation memory (shared by all contexts), then select its profile."""
+        if self.user_memory:
+            if hasattr(self.context, "set_device_memory"):  # 10.1+
+                self.context.set_device_memory(memory, size)
+            else:
+                self.context.device_memory = memory
+        if self.profile and not self.context.set_optimization_profile_async(self.profile, int(self.stream)):
+            raise UserError(f"{self.part.path}: cannot select optimisation profile {self.profile}")
 
     def set_shapes(self, shapes: dict[str, Dims]) -> None:
         for name, shape in shapes.items():
@@ -421,7 +442,9 @@ class Runner:
     def enqueue(self, shapes: dict[str, Dims], addresses: dict[str, int]) -> None:
         self.set_shapes(shapes)
         for name, ptr in addresses.items():
-            self.context.set_tensor_address(name, int(ptr))
+            if not self.context.set_tensor_address(name, int(ptr)):
+                raise RuntimeError(f"{self.label}: TensorRT refused address {int(ptr):#x} for {name!r} "
+                                   f"(it must be {ALIGNMENT}-byte aligned)")
         if not self.context.execute_async_v3(int(self.stream)):
             raise RuntimeError(f"{self.label}: execute_async_v3 failed")
 
@@ -548,9 +571,9 @@ class DeviceDecoder:
             embeds=cuda.malloc(m * self.hidden * self.dtypes["inputs_embeds"].itemsize, "decoder inputs_embeds"),
             mask=cuda.to_device(np.ones(m, self.dtypes["attention_mask"]), "attention_mask"),
             positions=cuda.to_device(np.arange(m, dtype=self.dtypes["position_ids"]), "position_ids"),
+            position_table=cuda.to_device(position_table(m, self.dtypes["position_ids"]), "position table"),
             logits=cuda.malloc(spec.vocab_size * self.dtypes["logits"].itemsize, "logits"),
-            kv=cuda.malloc(self.layout.nbytes, f"the KV cache (M={m})"),
-            position_itemsize=self.dtypes["position_ids"].itemsize)
+            kv=cuda.malloc(self.layout.nbytes, f"the KV cache (M={m})"))
         self.logits = cuda.pinned((1, spec.vocab_size), self.dtypes["logits"])  # [1,V]
         self.graphs = DecodeGraphs(cuda, prefill.stream) if cuda_graph else None
         self.length, self.side = 0, 0  # n cached positions; the KV half that holds them
@@ -633,7 +656,7 @@ class TrtEngine:
         scratch = max(r.part.scratch_bytes(r.profile) for r in self._runners.values())
         memory = self.cuda.malloc(scratch, "TensorRT activations")  # shared: one stream, one step at a time
         for runner in self._runners.values():
-            runner.set_memory(memory, scratch)
+            runner.activate(memory, scratch)
         r = self._runners
         self._encoder = ImageEncoder(self.cuda, r["vision"], r["projector"])
         self._embedder = Embedder(self.cuda, r["embed"])
@@ -659,6 +682,7 @@ class TrtEngine:
     def close(self) -> None:
         if self.cuda is None:
             return
+        self.cuda.synchronize()  # before any context goes
         if self._decoder is not None:
             self._decoder.close()
         # contexts before engines before the runtime, and all of them before their memory goes
