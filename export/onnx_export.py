@@ -151,7 +151,7 @@ def build_manifest(loaded: LoadedModel, directory: Path, parts: dict[str, PartSp
     kv_heads, head_dim = kv_geometry(model)
     decoder = DecoderSpec(num_layers=config.num_layers, num_kv_heads=kv_heads, head_dim=head_dim,
                           hidden_size=config.hidden_size, vocab_size=config.vocab_size,
-                          max_positions=int(config.backbone.get("max_position_embeddings", 2048)))
+                          max_positions=int(model.backbone.context_length(config.backbone)))
     return Manifest(root=directory, format_version=1, model_type=config.model_type, config=config.to_dict(),
                     precision=precision.value, moe_impl=impl.value, template=loaded.template,
                     tokenizer="tokenizer.json",

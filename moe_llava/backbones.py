@@ -1,9 +1,13 @@
-"""LLM backbones: transformers' own StableLm / Phi causal LMs, FFNs swapped for MoE where the config says.
+"""LLM backbones: transformers' own StableLm / Phi / Qwen2 causal LMs, FFNs swapped for MoE where the config says.
 
 Each backbone family is described by a `Backbone` record: how to build the transformers config from the
 released field names, which activation its FFN uses, and how a dense FFN's weights map onto the stacked
 expert tensors (`fc1_weight` [F,H], `fc2_weight` [H,I], optional biases). That one mapping serves the
 official checkpoint keys (`deepspeed_experts.{e}.<name>`) and stage III upcycling alike.
+
+The StableLM/Phi checkpoint layout (`model.layers.{i}...`, transformers module names) is the canonical one;
+a family with another layout (Qwen-1: `transformer.h.{i}.attn.c_attn`...) brings `to_canonical` /
+`to_official` key translations, applied once when a checkpoint is read or written (moe_llava/checkpoint.py).
 """
 from __future__ import annotations
 
@@ -15,8 +19,27 @@ from torch import nn
 
 from runtime.errors import UserError
 
+from . import qwen
 from .config import MoELlavaConfig
 from .moe import Activation, MoELayer
+
+StateDict = dict[str, torch.Tensor]
+
+
+def _same(state: StateDict) -> StateDict:
+    return state
+
+
+def _no_check(_fields: dict) -> None:
+    return None
+
+
+def _intermediate_size(fields: dict) -> int:
+    return int(fields["intermediate_size"])
+
+
+def _max_position_embeddings(fields: dict) -> int:
+    return int(fields.get("max_position_embeddings", 2048))
 
 
 @dataclass(frozen=True)
@@ -28,6 +51,11 @@ class Backbone:
     # stacked name -> dense FFN parameter names, concatenated along dim 0 (gate before up)
     ffn_parts: dict[str, tuple[str, ...]]
     ffn_bias: bool
+    ffn_size: Callable[[dict], int] = _intermediate_size            # released fields -> expert FFN width I
+    context_length: Callable[[dict], int] = _max_position_embeddings  # positions the decoder may compute
+    check: Callable[[dict], None] = _no_check                        # UserError for fields it cannot build
+    to_canonical: Callable[[StateDict], StateDict] = _same           # official checkpoint keys -> canonical
+    to_official: Callable[[StateDict], StateDict] = _same            # and back
 
     def build(self, config: MoELlavaConfig, attn_implementation: str = "sdpa") -> nn.Module:
         hf = self.hf_config(config.backbone)
@@ -39,7 +67,7 @@ class Backbone:
 
     def moe_layer(self, config: MoELlavaConfig, idx: int) -> MoELayer:
         moe = config.moe
-        return MoELayer(config.hidden_size, int(config.backbone["intermediate_size"]),
+        return MoELayer(config.hidden_size, self.ffn_size(config.backbone),
                         moe.experts_of(idx), moe.top_k, self.activation, self.ffn_bias,
                         moe.capacity_factor, moe.eval_capacity_factor, moe.min_capacity)
 
@@ -93,23 +121,26 @@ def _phi_lm(hf_config):
     return lm
 
 
+_SWIGLU_PARTS = {"fc1_weight": ("gate_proj.weight", "up_proj.weight"), "fc2_weight": ("down_proj.weight",)}
+
 BACKBONES = {
-    "stablelm": Backbone("stablelm", _stablelm_config, _stablelm_lm, Activation.SWIGLU,
-                         {"fc1_weight": ("gate_proj.weight", "up_proj.weight"),
-                          "fc2_weight": ("down_proj.weight",)}, ffn_bias=False),
+    "stablelm": Backbone("stablelm", _stablelm_config, _stablelm_lm, Activation.SWIGLU, _SWIGLU_PARTS,
+                         ffn_bias=False),
     "phi": Backbone("phi", _phi_config, _phi_lm, Activation.GELU_TANH,
                     {"fc1_weight": ("fc1.weight",), "fc1_bias": ("fc1.bias",),
                      "fc2_weight": ("fc2.weight",), "fc2_bias": ("fc2.bias",)}, ffn_bias=True),
+    # Qwen-1 on Qwen2 modules (moe_llava/qwen.py): experts keep w1/w2/c_proj, canonically up/gate/down_proj
+    "qwen": Backbone("qwen", qwen.hf_config, qwen.causal_lm, Activation.SWIGLU, _SWIGLU_PARTS, ffn_bias=False,
+                     ffn_size=qwen.ffn_size, context_length=qwen.context_length, check=qwen.check_config,
+                     to_canonical=qwen.to_canonical, to_official=qwen.to_official),
 }
 
 
 def backbone_for(config: MoELlavaConfig) -> Backbone:
-    if config.family == "qwen":
-        # The seam for Qwen-1: register a Backbone("qwen", ...) here (issue 8).
-        raise UserError("Qwen-1 backbones (moe_llava_qwen) are not supported yet; "
-                        "StableLM and Phi-2 checkpoints are")
     try:
-        return BACKBONES[config.family]
+        backbone = BACKBONES[config.family]
     except KeyError:
-        raise UserError(f"unknown model_type {config.model_type!r}; expected moe_llava_stablelm or "
-                        "moe_llava_phi") from None
+        raise UserError(f"unknown model_type {config.model_type!r}; expected one of "
+                        f"{', '.join('moe_llava_' + f for f in BACKBONES)}") from None
+    backbone.check(config.backbone)
+    return backbone

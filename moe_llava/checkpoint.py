@@ -7,6 +7,9 @@ model.layers.<l>.mlp.deepspeed_moe.gate.wg.weight [E,H]              language_mo
 model.layers.<l>.mlp.deepspeed_moe.experts.deepspeed_experts.<e>.*   language_model.model.layers.<l>.mlp.fc{1,2}_{weight,bias}[e]
 everything else <key>                                                language_model.<key>
 Experts are stacked once here, at load time, and unstacked only when writing the official layout.
+The table is the canonical (StableLM / Phi) layout. A family that names things otherwise (Qwen-1:
+`transformer.h.<l>...`, `transformer.mm_projector...`) translates its keys into it first and back last,
+with its Backbone record's `to_canonical` / `to_official` (moe_llava/qwen.py).
 """
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ def official_to_ours(state: dict[str, torch.Tensor], backbone) -> dict[str, torc
     """Rename official keys and stack the per-expert FFNs into [E, ...] tensors."""
     ours: dict[str, torch.Tensor] = {}
     experts: dict[int, dict[int, dict[str, torch.Tensor]]] = {}
-    for key, tensor in state.items():
+    for key, tensor in backbone.to_canonical(state).items():
         if m := _EXPERT.match(key):
             experts.setdefault(int(m[1]), {}).setdefault(int(m[2]), {})[m[3]] = tensor
         elif m := _ROUTER.match(key):
@@ -66,7 +69,7 @@ def ours_to_official(state: dict[str, torch.Tensor], backbone) -> dict[str, torc
             official[PROJECTOR + key[len("projector."):]] = tensor
         else:
             official[key.removeprefix("language_model.")] = tensor
-    return official
+    return backbone.to_official(official)
 
 
 def load_official_state(model, state: dict[str, torch.Tensor], tower_from_checkpoint: bool) -> None:

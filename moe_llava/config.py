@@ -149,8 +149,8 @@ class MoELlavaConfig:
     # ---- derived fields, computed in one place -------------------------------------------------
     @property
     def family(self) -> str:
-        """Backbone family: stablelm | phi | qwen."""
-        return self.model_type.removeprefix("moe_llava_")
+        """Backbone family: stablelm | phi | qwen (also for the dense -Stage2 types llava_stablelm, ...)."""
+        return self.model_type.removeprefix("moe_").removeprefix("llava_")
 
     @property
     def num_layers(self) -> int:

@@ -19,10 +19,11 @@ from .checkpoint import load_official_state, ours_to_official, read_state_dict, 
 from .config import MoELlavaConfig
 from .image_processing import HFImageProcessor
 from .model import MoELlavaForCausalLM
+from .qwen import TIKTOKEN_FILE, tokenizer_from_tiktoken
 from .vision import load_tower_weights, resolve_tower
 
 DEMO_DIR = Path(__file__).parent / "assets" / "demo"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "qwen.tiktoken")
 
 
 @dataclass
@@ -84,10 +85,14 @@ def load_pretrained(name: str | Path, vision_tower: str | None = None,
 
 
 def load_tokenizer(directory: Path):
-    """`tokenizers.Tokenizer` from tokenizer.json, or converted from the slow files by transformers."""
+    """`tokenizers.Tokenizer` from tokenizer.json, else converted: Qwen-1's qwen.tiktoken by us (its tokenizer
+    class is remote code), other slow files by transformers. Conversion happens in memory at every load; an
+    export writes the result as tokenizer.json, so the runtime never converts."""
     from tokenizers import Tokenizer
     if (directory / "tokenizer.json").is_file():
         return Tokenizer.from_file(str(directory / "tokenizer.json"))
+    if (directory / TIKTOKEN_FILE).is_file():
+        return tokenizer_from_tiktoken(directory / TIKTOKEN_FILE)
     try:
         from transformers import AutoTokenizer
         return AutoTokenizer.from_pretrained(str(directory), use_fast=True).backend_tokenizer

@@ -29,6 +29,10 @@ TEMPLATE_BY_MODEL_TYPE = {
     "moe_llava_stablelm": Template.STABLELM,
     "moe_llava_phi": Template.PHI,
     "moe_llava_qwen": Template.QWEN,
+    # the dense -Stage2 checkpoints carry the reference's LLaVA model types
+    "llava_stablelm": Template.STABLELM,
+    "llava_phi": Template.PHI,
+    "llava_qwen": Template.QWEN,
 }
 
 

@@ -35,11 +35,21 @@ _PHI = dict(model_type="moe_llava_phi", vocab_size=VOCAB, hidden_size=64, interm
             rope_theta=10000, layer_norm_eps=1e-5, max_position_embeddings=512, qk_layernorm=False,
             resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0, tie_word_embeddings=False,
             bos_token_id=None, eos_token_id=0)
+# Qwen-1 field names; intermediate_size counts both MLP branches (FFN width 96). No eos_token_id, as
+# released: the end token is the tokenizer's <|endoftext|>, the first id after the BPE ranks.
+QWEN_MERGES = 176
+QWEN_VOCAB = 256 + QWEN_MERGES + 208  # byte ranks + merges + Qwen's 208 special tokens
+_QWEN = dict(model_type="moe_llava_qwen", vocab_size=QWEN_VOCAB, hidden_size=64, intermediate_size=192,
+             num_hidden_layers=4, num_attention_heads=4, kv_channels=16, rotary_pct=1.0, rotary_emb_base=10000,
+             layer_norm_epsilon=1e-6, seq_length=256, max_position_embeddings=256, no_bias=True,
+             use_dynamic_ntk=True, use_logn_attn=True, emb_dropout_prob=0.0, attn_dropout_prob=0.0,
+             tie_word_embeddings=False)
+_FAMILIES = {"stablelm": _STABLELM, "phi": _PHI, "qwen": _QWEN}
 
 
 def tiny_config(family: str = "stablelm", moe: bool = True, num_experts: int = 4, top_k: int = 2,
                 tower: str = "clip", **overrides) -> MoELlavaConfig:
-    d = dict(_STABLELM if family == "stablelm" else _PHI)
+    d = dict(_FAMILIES[family])
     d.update(overrides)
     siglip = tower == "siglip"
     d.update(mm_image_tower="tiny-siglip" if siglip else "tiny-clip", mm_hidden_size=32,
@@ -88,6 +98,55 @@ def write_tiny_checkpoint(directory: Path, family: str = "stablelm", seed: int =
     """An official-layout checkpoint dir (config.json, safetensors, tokenizer.json); returns the model."""
     model = tiny_model(family, seed, **kwargs)
     tokenizer_dir = directory / "_tok"
-    tiny_tokenizer(tokenizer_dir)
+    (tiny_qwen_tiktoken if family == "qwen" else tiny_tokenizer)(tokenizer_dir)
     save_pretrained(model, directory, tokenizer_dir, max_shard_bytes)
     return model
+
+
+def train_tiktoken_ranks(corpus: list[str], merges: int) -> dict[bytes, int]:
+    """Byte-level BPE trained on `corpus` (split by Qwen's regex), as tiktoken ranks: the 256 bytes, then one
+    token per merge, most frequent pair first."""
+    from collections import Counter
+
+    import regex
+    from moe_llava.qwen import PATTERN
+    counts = Counter(piece.encode() for text in corpus for piece in regex.findall(PATTERN, text))
+    words = {w: [w[i:i + 1] for i in range(len(w))] for w in counts}
+    ranks = {bytes([b]): b for b in range(256)}
+    while len(ranks) < 256 + merges:
+        pairs = Counter()
+        for w, parts in words.items():
+            for pair in zip(parts, parts[1:]):
+                pairs[pair] += counts[w]
+        if not pairs:
+            break
+        a, b = max(pairs, key=lambda p: (pairs[p], p))
+        ranks.setdefault(a + b, len(ranks))
+        for w, parts in words.items():
+            i, merged = 0, []
+            while i < len(parts):
+                take = i + 1 < len(parts) and parts[i] == a and parts[i + 1] == b
+                merged.append(a + b if take else parts[i])
+                i += 2 if take else 1
+            words[w] = merged
+    return ranks
+
+
+QWEN_CORPUS = ["这是一张图片。图片里有一个红色的圆和一个蓝色的正方形。", "def forward(self, x):\n    return x + 1\n",
+               "What's in the image? It's a photo; they're 12 cats and 3 dogs."]
+
+
+def write_tiktoken(ranks: dict[bytes, int], path: Path) -> Path:
+    import base64
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ordered = sorted(ranks.items(), key=lambda item: item[1])
+    path.write_text("".join(f"{base64.b64encode(token).decode()} {rank}\n" for token, rank in ordered))
+    return path
+
+
+def tiny_qwen_tiktoken(directory: Path, merges: int = QWEN_MERGES) -> Path:
+    """A qwen.tiktoken (and no tokenizer.json) whose BPE was trained here on chat-template text, CJK and code."""
+    from moe_llava.data.tokenizer import template_texts
+    ranks = train_tiktoken_ranks(template_texts() * 8 + QWEN_CORPUS * 4, merges)
+    assert len(ranks) == 256 + merges
+    return write_tiktoken(ranks, directory / "qwen.tiktoken")

@@ -88,6 +88,13 @@ def test_bad_configs_name_the_problem():
     bad = dict(STABLELM_4E, moe=dict(STABLELM_4E["moe"], num_experts=[4, 4]))
     with pytest.raises(UserError, match="num_experts"):
         MoELlavaConfig.from_dict(bad)
-    qwen = dict(STABLELM_4E, model_type="moe_llava_qwen")
-    with pytest.raises(UserError, match="Qwen"):
-        backbone_for(MoELlavaConfig.from_dict(qwen))
+    with pytest.raises(UserError, match="model_type"):
+        backbone_for(MoELlavaConfig.from_dict(dict(STABLELM_4E, model_type="moe_llava_mamba")))
+
+
+def test_dense_stage2_model_types_are_understood():
+    """-Stage2 checkpoints are dense LLaVA models with the reference's llava_* model types."""
+    stage2 = dict(STABLELM_4E, model_type="llava_stablelm", moe={"moe_enable": False})
+    cfg = MoELlavaConfig.from_dict(stage2)
+    assert cfg.family == "stablelm" and cfg.moe_layers == []
+    assert backbone_for(cfg).family == "stablelm"

@@ -118,3 +118,15 @@ def test_known_hub_towers_resolve_offline_and_unknown_ones_fail():
 def test_missing_checkpoint_dir_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         load_pretrained(tmp_path / "nope")
+
+
+def test_dense_stage2_checkpoint_loads(tmp_path):
+    """A -Stage2 checkpoint: the reference's dense `llava_stablelm` type, plain MLPs, no moe dict."""
+    model = write_tiny_checkpoint(tmp_path, "stablelm", moe=False, model_type="llava_stablelm")
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg.pop("moe")
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    loaded = load_pretrained(tmp_path)
+    assert loaded.model.moe_layers() == [] and loaded.template.value == "stablelm"
+    pixels = torch.randn(1, 3, 28, 28)
+    assert torch.equal(logits(loaded.model, pixels), logits(model, pixels))
