@@ -1,0 +1,90 @@
+"""moe-bench end to end on tiny inputs: the JSON schema of a 1-run bench, the plots, argument errors."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("onnxruntime")
+pytest.importorskip("matplotlib")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "runtime"))
+
+import moe_llava.bench.command as command  # noqa: E402
+from cli import bench_main  # noqa: E402
+from moe_llava.bench.report import plot_scaling, scaling_table  # noqa: E402
+from rt_helpers import build_tiny_export  # noqa: E402
+from tiny import write_tiny_checkpoint  # noqa: E402
+
+SIDE_KEYS = {"vision_ms", "projector_ms", "ttft_ms", "decode_tok_s", "peak_rss_mb"}
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench-cmd")
+    write_tiny_checkpoint(root / "model")
+    # A hand-built export (no torch export: seconds, not a minute). It is not the same model as the checkpoint,
+    # which the schema does not care about.
+    build_tiny_export(root / "engine")
+    return root
+
+
+def test_one_run_bench_writes_the_documented_json_and_a_png(inputs, tmp_path, monkeypatch, capsys):
+    bandwidth = command.measure_bandwidth
+    monkeypatch.setattr(command, "measure_bandwidth", lambda threads, repeats=3: bandwidth(threads, 8, repeats))
+    out_json, out_png = tmp_path / "bench.json", tmp_path / "bench.png"
+    rc = bench_main(["--model", str(inputs / "model"), "--engine-dir", str(inputs / "engine"), "--runs", "1",
+                     "--warmup", "0", "--max-new-tokens", "3", "--threads", "1", "--json", str(out_json),
+                     "--plot", str(out_png)])
+    assert rc == 0
+    report = json.loads(out_json.read_text())
+    assert {"pytorch", "runtime", "speedup", "machine", "roofline"} <= set(report)
+    for side in ("pytorch", "runtime"):
+        assert SIDE_KEYS <= set(report[side])
+        assert all(report[side][k] > 0 for k in SIDE_KEYS)
+    assert set(report["speedup"]) >= {"ttft", "decode"} and report["speedup"]["decode"] > 0
+    roof = report["roofline"]
+    assert roof["bandwidth_gbs"] > 0 and roof["bandwidth"]["probes"] == 2
+    assert roof["breakdown"]["experts_active"] < roof["breakdown"]["experts_total"]
+    assert set(roof["pct_of_roofline"]) == {"pytorch", "runtime"}
+    assert report["machine"]["threads"] == 1 and report["settings"]["decode_steps"] == 2
+    assert out_png.read_bytes().startswith(PNG)
+    table = capsys.readouterr().out
+    assert "% of decode roofline" in table and "decode weight GB/s" in table and "peak RSS MB" in table
+
+
+def fake_scaling() -> dict:
+    def side(d: float, p: float) -> dict:
+        return {"decode_ms_per_token": d, "decode_tok_s": 1e3 / d, "prefill_ms": p, "ttft_ms": p + 1,
+                "peak_rss_mb": 100.0, "spread": {}}
+    points = [{"experts": e, "params_total": 10e6 * e, "params_active": 20e6, "weight_bytes_per_token": 8e7,
+               "pytorch": side(10.0 + e / 8, 50.0), "runtime": side(2.0 + e / 100, 10.0)} for e in (4, 8, 16)]
+    return {"preset": "tiny", "top_k": 2, "runs": 1, "warmup": 0, "threads": 1, "decode_steps": 2, "prompt_tokens": 9,
+            "points": points, "ratios": {"experts": [4, 16], "params_total": 4.0,
+                                         "pytorch": {"decode": 12 / 10.5, "prefill": 1.0},
+                                         "runtime": {"decode": 2.16 / 2.04, "prefill": 1.0}}}
+
+
+def test_scaling_plot_and_table(tmp_path):
+    path = plot_scaling(fake_scaling(), tmp_path / "scaling.png")
+    assert path.read_bytes().startswith(PNG)
+    assert "ratio E16/E4" in scaling_table(fake_scaling())
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--runs", "0"], "--runs must be at least 1"),
+    (["--max-new-tokens", "1"], "--max-new-tokens must be at least 2"),
+    ([], None),
+])
+def test_bad_arguments_are_one_line_errors(inputs, argv, message, capsys):
+    model = [] if message is None else ["--model", str(inputs / "model")]
+    assert bench_main(model + argv) == 2
+    assert (message or "give --model") in capsys.readouterr().err
+
+
+def test_unknown_backend_is_rejected_by_the_parser():
+    with pytest.raises(SystemExit):
+        command.bench_parser().parse_args(["--model", "x", "--backends", "pytorch,tensorrtx"])
