@@ -1,8 +1,16 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-DEMO_IMAGE := moe_llava/assets/demo/example.png
 DEMO_PROMPT := Is there a circle in the image?
+# The trained demo model ships in moe_llava/assets/demo; a checkout without it falls back to a randomly
+# initialised model of the same shape (the demo says so, and its answers are noise).
+ifneq ($(wildcard moe_llava/assets/demo/config.json),)
+DEMO_MODEL := demo
+DEMO_IMAGE := moe_llava/assets/demo/example.png
+else
+DEMO_MODEL := out/random-demo
+DEMO_IMAGE := tests/assets/shapes_96x60.png
+endif
 
 .PHONY: install demo test clean
 
@@ -17,9 +25,13 @@ $(STAMP): pyproject.toml
 # The main job on the embedded demo model: export to ONNX (validated against PyTorch), answer with the
 # torch-free runtime, then the same question through PyTorch for comparison.
 demo: install
-	$(VENV)/bin/moe-export --model demo --target onnx --out out/demo-onnx
+ifneq ($(DEMO_MODEL),demo)
+	@echo "NOTE: no trained demo model in this checkout: using a RANDOMLY INITIALISED model (answers are noise)"
+	$(PY) benchmarks/moe_scaling.py --write-checkpoint $(DEMO_MODEL) --preset mini --experts 4
+endif
+	$(VENV)/bin/moe-export --model $(DEMO_MODEL) --target onnx --out out/demo-onnx
 	$(VENV)/bin/moe-run --engine-dir out/demo-onnx --image $(DEMO_IMAGE) --prompt "$(DEMO_PROMPT)"
-	$(VENV)/bin/moe-run --model demo --image $(DEMO_IMAGE) --prompt "$(DEMO_PROMPT)"
+	$(VENV)/bin/moe-run --model $(DEMO_MODEL) --image $(DEMO_IMAGE) --prompt "$(DEMO_PROMPT)"
 
 test: install
 	$(PY) -m pytest -q

@@ -1,0 +1,17 @@
+"""Calibration and quantisation: calibration sets with expert coverage, onnxruntime int8/int4 exports,
+ModelOpt Q/DQ for TensorRT, accuracy reports.
+
+  data.py         calibration samples (synthetic demo set, LLaVA-JSON, image folder)
+  coverage.py     ExpertCoverage + RouterRecorder (router forward hooks)
+  calibset.py     samples through the PyTorch model; coverage-driven selection
+  readers.py      calibration tensors per exported part (onnxruntime reader, ModelOpt arrays)
+  graph.py        ONNX passes: routers, weight nodes, folding, float inputs
+  blockwise.py    block-wise weight quantisation (QMoE / GatherBlockQuantized layout)
+  qmoe.py         com.microsoft.MoE -> QMoE;  embedding.py  Gather -> GatherBlockQuantized
+  ort_quant.py    int8 static Q/DQ and int4 weight-only for one part
+  quantize.py     export_quantized (moe-export --precision int8|int4|fp8, onnx target)
+  modelopt_qdq.py ModelOpt int8 / fp8 / int4_awq Q/DQ (TensorRT target)
+  validation.py   validation.json figures of a quantised export; pope.py  POPE F1 of a Pipeline
+  report.py       precision_table: size, agreement, POPE F1, decode speed per export
+Heavy imports (torch, onnxruntime.quantization, modelopt) happen inside the functions that need them.
+"""

@@ -1,0 +1,193 @@
+"""Small ONNX graph passes used by the quantisers (pure onnx + numpy, in place on a ModelProto).
+
+- router_nodes: the fp32 router MatMul/Gemm of every MoE layer, found by what consumes its output:
+    router -> [Cast|CastLike] -> MoE/QMoE/MoELlavaMoE input 1        (ort, plugin)
+    router -> Softmax -> TopK                                         (portable)
+- weight_nodes: MatMul/Gemm/Conv/Gather nodes whose weight is an initializer (what gets quantised);
+  output_heads: those whose output is a graph output (the LM head).
+- fold_constant_weights: Gather(initializer, constant index) and Transpose(initializer) become initializers,
+  so the portable lowering's per-expert weights (Gather(fc1, e) -> Transpose -> MatMul) are plain weights.
+- gemm_to_matmul: Gemm(A, B, C) with a constant B -> MatMul(A, B') [+ Add C] (MatMulNBits takes MatMul only).
+- keep_float_inputs / read_float_inputs: after QDQ insertion, nodes that are not quantised read the float
+  tensor again instead of its QuantizeLinear -> DequantizeLinear copy (onnxruntime and ModelOpt rewire every
+  consumer of a calibrated tensor, excluded nodes included).
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+MOE_OPS = ("MoE", "QMoE", "MoELlavaMoE")
+PASS_THROUGH = ("Cast", "CastLike")
+WEIGHT_INPUT = {"MatMul": 1, "Gemm": 1, "Conv": 1, "Gather": 0}
+
+
+def consumers(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
+    out: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            out.setdefault(name, []).append(node)
+    return out
+
+
+def producers(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
+    return {o: n for n in model.graph.node for o in n.output}
+
+
+def initializers(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    return {i.name: i for i in model.graph.initializer}
+
+
+def router_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    users = consumers(model)
+
+    def feeds_routing(tensor: str, hops: int = 2) -> bool:
+        for user in users.get(tensor, []):
+            if user.op_type in MOE_OPS and len(user.input) > 1 and user.input[1] == tensor:
+                return True
+            if user.op_type == "Softmax" and any(u.op_type == "TopK" for u in users.get(user.output[0], [])):
+                return True
+            if user.op_type in PASS_THROUGH and hops and feeds_routing(user.output[0], hops - 1):
+                return True
+        return False
+    return [n for n in model.graph.node if n.op_type in ("MatMul", "Gemm") and feeds_routing(n.output[0])]
+
+
+def weight_nodes(model: onnx.ModelProto, op_types=tuple(WEIGHT_INPUT)) -> list[onnx.NodeProto]:
+    """Nodes of `op_types` whose weight input is a >= 2-D initializer, routers excluded."""
+    inits = initializers(model)
+    routers = {n.name for n in router_nodes(model)}
+    found = []
+    for node in model.graph.node:
+        slot = WEIGHT_INPUT.get(node.op_type)
+        if node.op_type in op_types and slot is not None and node.name not in routers and len(node.input) > slot:
+            weight = inits.get(node.input[slot])
+            if weight is not None and len(weight.dims) >= 2:
+                found.append(node)
+    return found
+
+
+def output_heads(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """Weight MatMul/Gemm nodes whose output is a graph output (directly or through Cast/Reshape): lm_head."""
+    outputs, users = {o.name for o in model.graph.output}, consumers(model)
+
+    def reaches_output(tensor: str, hops: int = 2) -> bool:
+        if tensor in outputs:
+            return True
+        return hops > 0 and any(u.op_type in ("Cast", "Reshape") and reaches_output(u.output[0], hops - 1)
+                                for u in users.get(tensor, []))
+    return [n for n in weight_nodes(model, ("MatMul", "Gemm")) if reaches_output(n.output[0])]
+
+
+def _constant_value(name: str, inits: dict, constants: dict) -> np.ndarray | None:
+    if name in constants:
+        return constants[name]
+    return numpy_helper.to_array(inits[name]) if name in inits else None
+
+
+def fold_constant_weights(model: onnx.ModelProto) -> int:
+    """Fold Gather(const, const) / Transpose(const) chains into initializers; returns nodes folded."""
+    inits, folded, kept = initializers(model), {}, []
+    for node in model.graph.node:
+        values = [_constant_value(i, inits, folded) for i in node.input]
+        if node.op_type in ("Gather", "Transpose") and values and all(v is not None for v in values):
+            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            if node.op_type == "Gather":
+                folded[node.output[0]] = np.take(values[0], values[1], axis=attrs.get("axis", 0))
+            else:
+                folded[node.output[0]] = np.transpose(values[0], attrs.get("perm"))
+            continue
+        kept.append(node)
+    if folded:
+        used = {i for n in kept for i in n.input} | {o.name for o in model.graph.output}
+        model.graph.initializer.extend(numpy_helper.from_array(np.ascontiguousarray(v), k)
+                                       for k, v in folded.items() if k in used)
+        del model.graph.node[:]
+        model.graph.node.extend(kept)
+        drop_unused_initializers(model)
+    return len(folded)
+
+
+def gemm_to_matmul(model: onnx.ModelProto, skip: set[str]) -> int:
+    """Gemm with a constant B (alpha = beta = 1, transA = 0) -> MatMul [+ Add]; returns how many."""
+    inits, nodes, count = initializers(model), [], 0
+    for node in model.graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        simple = attrs.get("alpha", 1.0) == 1.0 and attrs.get("beta", 1.0) == 1.0 and not attrs.get("transA", 0)
+        if node.op_type != "Gemm" or node.name in skip or not simple or node.input[1] not in inits:
+            nodes.append(node)
+            continue
+        weight = numpy_helper.to_array(inits[node.input[1]])
+        name = node.input[1] + ("_T" if attrs.get("transB", 0) else "")
+        if name not in inits:
+            inits[name] = numpy_helper.from_array(np.ascontiguousarray(weight.T if attrs.get("transB", 0)
+                                                                       else weight), name)
+            model.graph.initializer.append(inits[name])
+        bias = len(node.input) > 2 and node.input[2]
+        mm_out = node.output[0] + "_mm" if bias else node.output[0]
+        nodes.append(helper.make_node("MatMul", [node.input[0], name], [mm_out], name=node.name))
+        if bias:
+            nodes.append(helper.make_node("Add", [mm_out, node.input[2]], [node.output[0]], name=node.name + "/bias"))
+        count += 1
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    drop_unused_initializers(model)
+    return count
+
+
+def keep_float_inputs(model: onnx.ModelProto, quantized: set[str]) -> int:
+    """Nodes outside `quantized` read x instead of DequantizeLinear(QuantizeLinear(x)); returns rewired inputs."""
+    keep = {n.name for n in model.graph.node
+            if n.name not in quantized and n.op_type not in ("QuantizeLinear", "DequantizeLinear")}
+    return read_float_inputs(model, keep)
+
+
+def read_float_inputs(model: onnx.ModelProto, names: set[str]) -> int:
+    """The nodes called `names` read x instead of DequantizeLinear(QuantizeLinear(x)); dead Q/DQ removed."""
+    prod, rewired = producers(model), 0
+    for node in model.graph.node:
+        if node.name not in names:
+            continue
+        for i, name in enumerate(node.input):
+            source = float_source(prod, name)
+            if source is not None:
+                node.input[i] = source
+                rewired += 1
+    remove_dead_nodes(model)
+    return rewired
+
+
+def float_source(prod: dict[str, onnx.NodeProto], tensor: str) -> str | None:
+    """x when `tensor` = DequantizeLinear(QuantizeLinear(x)), else None."""
+    dq = prod.get(tensor)
+    if dq is None or dq.op_type != "DequantizeLinear":
+        return None
+    q = prod.get(dq.input[0])
+    return q.input[0] if q is not None and q.op_type == "QuantizeLinear" else None
+
+
+def remove_dead_nodes(model: onnx.ModelProto) -> None:
+    """Drop nodes none of whose outputs is used (repeatedly), then unused initializers."""
+    graph_outputs = {o.name for o in model.graph.output}
+    while True:
+        used = {i for n in model.graph.node for i in n.input} | graph_outputs
+        alive = [n for n in model.graph.node if any(o in used for o in n.output)]
+        if len(alive) == len(model.graph.node):
+            break
+        del model.graph.node[:]
+        model.graph.node.extend(alive)
+    drop_unused_initializers(model)
+
+
+def drop_unused_initializers(model: onnx.ModelProto) -> None:
+    used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
+    keep = [i for i in model.graph.initializer if i.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+
+
+def qdq_fed_inputs(model: onnx.ModelProto, node: onnx.NodeProto) -> list[str]:
+    """Inputs of `node` that come out of a DequantizeLinear (or are quantised initializers)."""
+    prod = producers(model)
+    return [i for i in node.input if i in prod and prod[i].op_type in ("DequantizeLinear", "QuantizeLinear")]

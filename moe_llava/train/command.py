@@ -1,0 +1,137 @@
+"""`moe-train` and `moe-eval`: argument parsing and one call each into run.py / recipes.py / evaluate.py."""
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+from runtime.errors import UserError
+
+from .stages import STAGES, Stage
+
+RECIPES = ("demo",)
+
+
+# ---- moe-train -------------------------------------------------------------------------------------
+def train_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="moe-train", description="MoE-Tuning: stage 1 (projector), 2 (LLM + projector), 3 (MoE layers, "
+        "upcycled from stage 2) on the HF Trainer; or the whole demo recipe. Works under torchrun / accelerate "
+        "launch. Defaults are the reference hyper-parameters of each stage.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--recipe", choices=RECIPES, help="run a whole recipe (synthetic data, all stages)")
+    what.add_argument("--stage", type=int, choices=[int(s) for s in Stage], help="run one stage")
+    p.add_argument("--out", required=True, type=Path, help="output dir (stage: checkpoints + final model; "
+                   "recipe: the final model, e.g. moe_llava/assets/demo)")
+    stage = p.add_argument_group("one stage (--stage)")
+    stage.add_argument("--model", type=Path, help="input MoE-LLaVA checkpoint dir (stage 1: or a transformers "
+                       "StableLM/Phi dir together with --vision-tower); stage 3 upcycles a dense stage-2 model")
+    stage.add_argument("--data", type=Path, help="LLaVA-JSON file")
+    stage.add_argument("--image-folder", type=Path, help="root of the JSON's relative image paths")
+    stage.add_argument("--vision-tower", help="local CLIP/SigLIP dir (stage 1 from an LLM dir, or an override)")
+    stage.add_argument("--lr", type=float, help="learning rate (default: 1e-3 / 2e-5 / 2e-5 for stage 1/2/3)")
+    stage.add_argument("--epochs", type=float, help="epochs (default 1)")
+    stage.add_argument("--max-steps", type=int, default=-1, help="stop after N optimiser steps (-1: epochs)")
+    stage.add_argument("--batch-size", type=int, default=16, help="per-device micro-batch")
+    stage.add_argument("--global-batch-size", type=int, help="sets gradient accumulation (default: 256 / 128 / 128)")
+    stage.add_argument("--warmup-ratio", type=float, help="default 0.03")
+    stage.add_argument("--model-max-length", type=int, help="token limit (default: the config's, else 2048)")
+    stage.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="mixed precision")
+    stage.add_argument("--train-tower", action="store_true", help="also train the vision tower (off in the "
+                       "reference; frozen is right for pretrained CLIP/SigLIP towers)")
+    stage.add_argument("--save-steps", type=int, default=500, help="write checkpoint-N every N steps")
+    stage.add_argument("--save-total-limit", type=int, default=1, help="checkpoint-N dirs to keep")
+    stage.add_argument("--resume", nargs="?", const="latest", help="resume from a checkpoint-N dir "
+                       "(no value: the newest under --out)")
+    stage.add_argument("--num-workers", type=int, default=0, help="data loader processes")
+    stage.add_argument("--logging-steps", type=int, default=1)
+    stage.add_argument("--cache-images", action="store_true", help="keep preprocessed images in memory")
+    moe = p.add_argument_group("stage 3 upcycling (default: the model's moe dict)")
+    moe.add_argument("--num-experts", type=int)
+    moe.add_argument("--top-k", type=int)
+    moe.add_argument("--moe-mode", choices=["sparse", "first_half", "second_half", "dense"])
+    moe.add_argument("--capacity-factor", type=float)
+    moe.add_argument("--aux-loss-coef", type=float, help="router_aux_loss_coef (0.01)")
+    p.add_argument("--seed", type=int, default=42, help="stage seed (the demo recipe uses its own fixed seeds)")
+    p.add_argument("--work-dir", type=Path, default=Path("build/demo"),
+                   help="recipe: data, tokenizer and every stage's checkpoint")
+    p.add_argument("--no-ablation", action="store_true", help="recipe: skip the RQ2 run (stage 3 right after "
+                   "stage 1, without stage 2)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def train_command(args: argparse.Namespace) -> int:
+    if args.recipe:
+        from .recipes import run_demo
+        run_demo(args.out, args.work_dir, ablation=not args.no_ablation, progress=not args.no_progress)
+        print(f"demo model written to {args.out}")
+        return 0
+    from .run import run_stage
+    path = run_stage(stage_config(args))
+    print(f"stage {args.stage} ({STAGES[Stage(args.stage)].name}) model written to {path}")
+    return 0
+
+
+def stage_config(args: argparse.Namespace):
+    from .run import MoEOptions, StageConfig
+    missing = [flag for flag, value in (("--model", args.model), ("--data", args.data)) if value is None]
+    if missing:
+        raise UserError(f"--stage needs {' and '.join(missing)}")
+    if args.batch_size < 1:
+        raise UserError("--batch-size must be at least 1")
+    return StageConfig(
+        stage=Stage(args.stage), model=args.model, data=args.data, out=args.out, image_folder=args.image_folder,
+        vision_tower=args.vision_tower, learning_rate=args.lr, epochs=args.epochs, max_steps=args.max_steps,
+        batch_size=args.batch_size, global_batch_size=args.global_batch_size, warmup_ratio=args.warmup_ratio,
+        seed=args.seed, model_max_length=args.model_max_length, train_tower=args.train_tower,
+        save_steps=args.save_steps, save_total_limit=args.save_total_limit, logging_steps=args.logging_steps,
+        num_workers=args.num_workers, precision=args.precision, resume=args.resume, cache_images=args.cache_images,
+        progress=not args.no_progress,
+        moe=MoEOptions(args.num_experts, args.top_k, args.moe_mode, args.capacity_factor, args.aux_loss_coef))
+
+
+# ---- moe-eval --------------------------------------------------------------------------------------
+def eval_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="moe-eval", description="Evaluate a model on the held-out synthetic scenes with greedy decoding: "
+        "POPE (random / popular / adversarial: accuracy, precision, recall, F1, yes-ratio), open-question "
+        "accuracy, and expert routing per MoE layer split by image / text tokens.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", required=True, help="checkpoint dir or 'demo'")
+    p.add_argument("--data", type=Path, help="synthetic dataset dir (default: regenerate the demo recipe's)")
+    p.add_argument("--json", type=Path, help="write the results as JSON here")
+    p.add_argument("--plot", type=Path, help="write the expert-loading figure (PNG) here")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--limit", type=int, help="at most N questions per set (quick checks)")
+    p.add_argument("--vision-tower", help="local CLIP/SigLIP dir overriding the config's mm_image_tower")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def eval_command(args: argparse.Namespace) -> int:
+    from ..loading import load_pretrained
+    from .evaluate import evaluate, format_report, write_json
+    from .plots import expert_loading
+    if args.data is not None and not (args.data / "pope_random.json").is_file():
+        raise UserError(f"--data {args.data} is not a synthetic dataset dir (no pope_random.json); "
+                        "omit --data to regenerate the demo's held-out set")
+    loaded = load_pretrained(args.model, args.vision_tower)
+    with tempfile.TemporaryDirectory() as tmp:
+        data = args.data or demo_heldout(Path(tmp))
+        result = evaluate(loaded, data, args.batch_size, args.limit, progress=not args.no_progress)
+    print(format_report(result))
+    if args.json:
+        write_json(result, args.json)
+    if args.plot:
+        if expert_loading(result["routing"], args.plot, f"expert loading: {args.model}") is None:
+            print("no expert-loading figure: the model has no MoE layers")
+    return 0
+
+
+def demo_heldout(directory: Path) -> Path:
+    """The demo recipe's dataset (the same held-out scenes and POPE negatives), regenerated."""
+    from ..data import generate_dataset
+    from .recipes import DEMO
+    return generate_dataset(directory, DEMO.n_train, DEMO.n_heldout, DEMO.seed).root

@@ -1,0 +1,70 @@
+"""Quantised graphs keep routers, norms and softmax in float; the graph passes keep the numbers."""
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import numpy_helper
+
+from calibration.graph import fold_constant_weights, gemm_to_matmul, producers, qdq_fed_inputs, router_nodes
+from calibration.ort_quant import quantize_int4, quantize_int8
+from calib_helpers import ROUTER, feeds, moe_layer_graph
+
+
+def outputs(path_or_model, feed):
+    model = path_or_model if isinstance(path_or_model, onnx.ModelProto) else onnx.load(str(path_or_model))
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed)
+
+
+def node(model, name):
+    return next(n for n in model.graph.node if n.name == name)
+
+
+@pytest.mark.parametrize("moe_op", [False, True])
+def test_int8_keeps_the_router_float(tmp_path, moe_op):
+    src, dst = tmp_path / "f.onnx", tmp_path / "q.onnx"
+    onnx.save(moe_layer_graph(ort=moe_op), str(src))
+    report = quantize_int8(src, dst, feeds())
+    q = onnx.load(str(dst))
+    assert [n.name for n in router_nodes(q)] == [ROUTER] and report.float_nodes == [ROUTER]
+    assert qdq_fed_inputs(q, node(q, ROUTER)) == []                        # no Q/DQ on the router's inputs
+    assert node(q, ROUTER).input[1] in {i.name for i in q.graph.initializer}  # its weight stays a float initializer
+    assert qdq_fed_inputs(q, node(q, "/ln")) == [] and qdq_fed_inputs(q, node(q, "/router/Softmax")) == []
+    assert len(qdq_fed_inputs(q, node(q, "/ffn/fc1"))) == 2               # activation and weight quantised
+    ops = [n.op_type for n in q.graph.node]
+    assert ("QMoE" in ops) == moe_op and "MoE" not in ops
+    x = feeds(1, seed=5)[0]
+    want, got = outputs(src, x), outputs(dst, x)
+    np.testing.assert_array_equal(got[1], want[1])                        # float routing: same experts
+    assert np.abs(got[0] - want[0]).max() <= 0.05 * np.abs(want[0]).max()
+
+
+def test_int4_is_weight_only_and_keeps_the_router_float(tmp_path):
+    src, dst = tmp_path / "f.onnx", tmp_path / "q.onnx"
+    onnx.save(moe_layer_graph(ort=True), str(src))
+    report = quantize_int4(src, dst)
+    q = onnx.load(str(dst))
+    ops = [n.op_type for n in q.graph.node]
+    assert ops.count("MatMulNBits") == 2 and "QMoE" in ops and "QuantizeLinear" not in ops
+    assert node(q, ROUTER).op_type == "Gemm" and report.quantized_nodes == 2 and report.moe_nodes == 1
+    x = feeds(1, seed=5)[0]
+    np.testing.assert_array_equal(outputs(dst, x)[1], outputs(src, x)[1])
+
+
+def test_fold_and_gemm_rewrite_keep_the_numbers():
+    model = moe_layer_graph()
+    # a portable-lowering style expert weight: Transpose(Gather(stack, e)) feeding a MatMul
+    stack = np.random.default_rng(3).normal(size=(3, 64, 32)).astype(np.float32)      # [E,I,H]
+    model.graph.initializer.extend([numpy_helper.from_array(stack, "stack"),
+                                    numpy_helper.from_array(np.array(1, np.int64), "e")])
+    w1 = next(i for i in model.graph.initializer if i.name == "w1")
+    model.graph.initializer.remove(w1)
+    model.graph.node.insert(0, onnx.helper.make_node("Gather", ["stack", "e"], ["g"], name="/gather"))
+    model.graph.node.insert(1, onnx.helper.make_node("Transpose", ["g"], ["w1"], name="/transpose", perm=[1, 0]))
+    x = feeds(1)[0]
+    before = outputs(model, x)
+    assert fold_constant_weights(model) == 2
+    assert "stack" not in {i.name for i in model.graph.initializer}
+    assert gemm_to_matmul(model, skip=set()) == 1 and producers(model)["logits"].op_type == "MatMul"
+    after = outputs(model, x)
+    np.testing.assert_allclose(after[0], before[0], atol=1e-5)
+    np.testing.assert_array_equal(after[1], before[1])

@@ -1,0 +1,108 @@
+"""int8 / int4 exports of a tiny StableLM checkpoint: they run in the runtime, validation.json has the new
+figures, routers stay float. One torch export per MoE lowering (fp32_exports), quantised from there."""
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from calibration.graph import qdq_fed_inputs, router_nodes
+from calibration.quantize import quantize_export
+from calibration.validation import validate_quantized
+from calib_helpers import SMALL_SET
+from runtime.manifest import Manifest
+from runtime.pipeline import load_pipeline
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def quantized(fp32_exports, calib_set, tiny_loaded, small_set, tmp_path_factory):
+    """{(impl, precision): validated export dir}."""
+    root = tmp_path_factory.mktemp("quantized")
+    out = {}
+    for impl, precision in (("ort", "int8"), ("ort", "int4"), ("portable", "int8")):
+        directory = root / f"{impl}_{precision}"
+        quantize_export(fp32_exports[impl], directory, precision, calib_set if precision == "int8" else None)
+        validate_quantized(tiny_loaded, directory, synthetic=SMALL_SET, pope_per_split=2)
+        out[impl, precision] = directory
+    return out
+
+
+@pytest.mark.parametrize("key", [("ort", "int8"), ("ort", "int4"), ("portable", "int8")])
+def test_validation_json_has_the_quantised_figures(quantized, key):
+    report = json.loads((quantized[key] / "validation.json").read_text())
+    assert report["passed"] and report["precision"] == key[1] and report["reference"] == "pytorch fp32"
+    assert 0.9 <= report["logit_cosine"]["mean"] <= 1.0 and report["logit_cosine"]["positions"] > 2
+    assert 0.0 <= report["greedy_agreement"] <= 1.0 and report["router_agreement"] >= 0.85
+    pope = report["pope"]
+    assert pope["n"] == 6 and {"f1", "f1_reference", "f1_drop_points", "gated"} <= set(pope)
+    assert pope["gated"] is False   # a random tiny model cannot do POPE: reported, not gated
+    manifest = Manifest.load(quantized[key])
+    assert manifest.precision == key[1] and manifest.moe_impl == key[0]
+    calibration = json.loads((quantized[key] / "calibration.json").read_text())
+    assert (calibration["calibration"] is None) == (key[1] == "int4")
+
+
+@pytest.mark.parametrize("key", [("ort", "int8"), ("ort", "int4"), ("portable", "int8")])
+def test_runs_in_the_runtime(quantized, key):
+    from moe_llava.data import draw_scene, sample_scene
+    image = draw_scene(sample_scene(np.random.default_rng(3)))
+    with load_pipeline(quantized[key]) as pipeline:
+        result = pipeline.generate(image, "What is in the image?", max_new_tokens=5)
+    assert result.timings["total_ms"] > 0 and all(0 <= t < 384 for t in result.token_ids)
+
+
+@pytest.mark.parametrize("key", [("ort", "int8"), ("portable", "int8"), ("ort", "int4")])
+def test_routers_stay_float_in_the_quantised_graph(quantized, key):
+    model = onnx.load(str(quantized[key] / "decoder.onnx"))
+    routers = router_nodes(model)
+    assert len(routers) == 1   # one MoE layer in the 2-layer tiny model
+    inits = {i.name: i for i in model.graph.initializer}
+    for node in routers:
+        assert qdq_fed_inputs(model, node) == [], f"{node.name} reads Q/DQ tensors"
+        assert inits[node.input[1]].data_type == onnx.TensorProto.FLOAT
+    ops = [n.op_type for n in model.graph.node]
+    if key[0] == "ort":
+        assert "QMoE" in ops and "MoE" not in ops
+    if key[1] == "int8":
+        assert ops.count("DequantizeLinear") > 0
+    else:
+        assert "MatMulNBits" in ops and "QuantizeLinear" not in ops
+
+
+def test_quantised_exports_are_smaller(quantized, fp32_exports):
+    from calibration.report import graph_bytes
+    fp32 = graph_bytes(fp32_exports["ort"])
+    assert graph_bytes(quantized["ort", "int8"]) < 0.8 * fp32   # tiny: ~0.5 MB of graph metadata in every file
+    assert graph_bytes(quantized["ort", "int4"]) < graph_bytes(quantized["ort", "int8"])
+
+
+def test_precision_table(quantized, fp32_exports):
+    from calibration.report import format_table, precision_table
+    rows = precision_table([quantized["ort", "int8"], fp32_exports["ort"], quantized["ort", "int4"]])
+    assert [r["precision"] for r in rows] == ["fp32", "int8", "int4"]
+    assert rows[0]["size_ratio"] == 1.0 and rows[1]["size_ratio"] < 1.0
+    assert all(r["decode_tokens_per_s"] > 0 for r in rows) and rows[1]["greedy_agreement"] is not None
+    assert format_table(rows).count("\n") == 4
+
+
+def test_modelopt_int8_on_the_portable_export(fp32_exports, calib_set, tmp_path):
+    import importlib.util
+    if importlib.util.find_spec("modelopt") is None:
+        pytest.skip("nvidia-modelopt not installed (pip install .[quant])")
+    import onnxruntime as ort
+
+    from calibration.modelopt_qdq import calibration_data, modelopt_qdq
+    from calibration.readers import decoder_feed
+    manifest = Manifest.load(fp32_exports["portable"])
+    out = modelopt_qdq(manifest.path("decoder"), tmp_path / "decoder.onnx", "int8",
+                       calibration_data(manifest, "decoder", calib_set), plugins=[], high_precision_dtype="fp32")
+    model = onnx.load(str(out))
+    assert [n.op_type for n in model.graph.node].count("QuantizeLinear") > 0
+    assert all(qdq_fed_inputs(model, n) == [] for n in router_nodes(model))
+    feed = decoder_feed(manifest, calib_set.samples[-1].inputs_embeds)
+    want = ort.InferenceSession(str(manifest.path("decoder")), providers=["CPUExecutionProvider"]).run(["logits"], feed)[0]
+    got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(["logits"], feed)[0]
+    cosine = float((got * want).sum() / np.linalg.norm(got) / np.linalg.norm(want))
+    assert cosine > 0.95
