@@ -131,9 +131,9 @@ METHODS = {
     QuantPrecision.INT8: "onnxruntime static Q/DQ (U8U8, per-channel asymmetric weights, MinMax) on "
                          "MatMul/Gemm/Conv; LM head weight-only 8-bit (MatMulNBits); QMoE 8-bit block-wise experts; "
                          "GatherBlockQuantized 8-bit embeddings; routers/norms float",
-    QuantPrecision.INT4: "weight-only: MatMulNBits 4-bit (block 32, asymmetric, accuracy_level 4); QMoE 4-bit "
-                         "(block 32, accuracy_level 4) experts; GatherBlockQuantized 4-bit embeddings; routers/norms "
-                         "float",
+    QuantPrecision.INT4: "weight-only: MatMulNBits 4-bit (block 32, asymmetric, accuracy_level 4); LM head 8-bit; "
+                         "QMoE 4-bit (block 32, accuracy_level 4) experts; GatherBlockQuantized 4-bit embeddings; "
+                         "routers/norms float",
 }
 
 

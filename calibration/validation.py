@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from export.validate import TOLERANCES, greedy_agreement, part_errors, sample_images
+from export.validate import TOLERANCES, greedy_agreement, part_errors, sample_images, tolerance_failures
 from moe_llava.engine import TorchEngine
 from moe_llava.loading import LoadedModel
 from runtime.errors import UserError
@@ -45,7 +45,9 @@ class QualityGate:
     min_greedy_agreement: float  # only when the reference can do POPE
 
 
-QUALITY = {"int8": QualityGate(0.99, 2.0, 0.9), "int4": QualityGate(0.9, 5.0, 0.5)}
+# int4 greedy is not gated: 4-bit weights flip the model's near-tied tokens (demo: 0.66 at logit cosine 0.9998);
+# what int4 promises is the POPE drop (target 3 points)
+QUALITY = {"int8": QualityGate(0.99, 2.0, 0.9), "int4": QualityGate(0.9, 5.0, 0.0)}
 # the targets (README table); reported, the gates above are what fails an export
 TARGETS = {"int8": {"greedy_agreement": 0.95, "pope_f1_drop": 1.0, "size_ratio": 0.6},
            "int4": {"pope_f1_drop": 3.0, "size_ratio": 0.35}}
@@ -75,12 +77,7 @@ def compare_quantized(loaded: LoadedModel, directory: Path, max_new_tokens: int,
     router = router_agreement(loaded, directory, pixels[:1])
     greedy, answers = greedy_agreement(loaded, directory, images, max_new_tokens)
     cosine = logit_cosine(loaded, directory, images, answers)
-    failures = [f"{name}: max abs error {e['max_abs_error']:.3g} > {e['limit']:.3g}"
-                for name, e in parts.items() if e["max_abs_error"] > e["limit"]]
-    if router < tol.router_agreement:
-        failures.append(f"router top-k agreement {router:.3f} < {tol.router_agreement}")
-    if greedy < tol.greedy_agreement:
-        failures.append(f"greedy agreement {greedy:.3f} < {tol.greedy_agreement}")
+    failures = tolerance_failures(parts, router, greedy, tol)
     return {"precision": manifest.precision, "moe_impl": manifest.moe_impl, "reference": "pytorch fp32",
             "parts": parts, "router_agreement": router, "greedy_agreement": greedy, "logit_cosine": cosine,
             "samples": answers, "tolerance": asdict(tol), "quality_gate": asdict(QUALITY[manifest.precision]),

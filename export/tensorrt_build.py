@@ -24,6 +24,7 @@ from typing import Any
 
 from runtime.errors import UserError
 from runtime.manifest import MANIFEST_FILE, PARTS, Manifest
+from runtime.trt_engine import import_tensorrt as runtime_import_tensorrt
 from runtime.trt_engine import (ENGINES_FORMAT, ENGINES_KEY, PLUGIN_ENV, PLUGIN_LIBRARY, EngineSet, detect_gpu,
                                 load_plugin, trt_logger)
 
@@ -47,16 +48,8 @@ class BuildSettings:
 
 
 def import_tensorrt():
-    try:
-        import tensorrt
-        if getattr(tensorrt, "__version__", None) is None:  # a stray directory named tensorrt on sys.path
-            raise ImportError("tensorrt is a namespace package, not TensorRT")
-    except ImportError:
-        raise UserError("--target tensorrt needs TensorRT's Python bindings (tensorrt), which are not installed: "
-                        "on a Jetson they come with JetPack, elsewhere from NVIDIA's package index; use "
-                        "--target onnx here (e.g. --target onnx --moe-impl plugin) and build the engines on the "
-                        "device with --target tensorrt --from-onnx DIR") from None
-    return tensorrt
+    return runtime_import_tensorrt("use --target onnx here (e.g. --target onnx --moe-impl plugin) and build the "
+                                   "engines on the device with --target tensorrt --from-onnx DIR")
 
 
 def export_tensorrt(model: str | Path | None = None, from_onnx: str | Path | None = None,

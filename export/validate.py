@@ -68,15 +68,20 @@ def compare(loaded: LoadedModel, directory: Path, max_new_tokens: int) -> dict:
     parts = part_errors(loaded, directory, pixels)
     router = router_agreement(loaded, directory, pixels[:1])
     greedy, answers = greedy_agreement(loaded, directory, samples, max_new_tokens)
+    failures = tolerance_failures(parts, router, greedy, tol)
+    return {"precision": manifest.precision, "moe_impl": manifest.moe_impl, "parts": parts,
+            "router_agreement": router, "greedy_agreement": greedy, "samples": answers,
+            "tolerance": asdict(tol), "passed": not failures, "failures": failures}
+
+
+def tolerance_failures(parts: dict, router: float, greedy: float, tol: Tolerance) -> list[str]:
     failures = [f"{name}: max abs error {e['max_abs_error']:.3g} > {e['limit']:.3g}"
                 for name, e in parts.items() if e["max_abs_error"] > e["limit"]]
     if router < tol.router_agreement:
         failures.append(f"router top-k agreement {router:.3f} < {tol.router_agreement}")
     if greedy < tol.greedy_agreement:
         failures.append(f"greedy agreement {greedy:.3f} < {tol.greedy_agreement}")
-    return {"precision": manifest.precision, "moe_impl": manifest.moe_impl, "parts": parts,
-            "router_agreement": router, "greedy_agreement": greedy, "samples": answers,
-            "tolerance": asdict(tol), "passed": not failures, "failures": failures}
+    return failures
 
 
 def sample_images(loaded: LoadedModel, count: int = 2) -> list[Image.Image]:

@@ -49,7 +49,8 @@ Dims = tuple[int, ...]
 
 
 # ---- lazy imports, the process-wide logger and plugin registry ----------------------------------
-def import_tensorrt():
+def import_tensorrt(fix: str = "without it use --backend onnxruntime"):
+    """The tensorrt module, or a one-line UserError ending in `fix` (what the user can do instead)."""
     try:
         import tensorrt
         if getattr(tensorrt, "__version__", None) is None:  # a stray directory named tensorrt on sys.path
@@ -57,7 +58,7 @@ def import_tensorrt():
     except ImportError:
         raise UserError("tensorrt (TensorRT's Python bindings) is not installed: on a Jetson it comes with "
                         "JetPack (python3-libnvinfer; make the venv with --system-site-packages), elsewhere from "
-                        "NVIDIA's package index; without it use --backend onnxruntime") from None
+                        f"NVIDIA's package index; {fix}") from None
     return tensorrt
 
 
