@@ -12,6 +12,10 @@
 - plugins: TensorRT plugin libraries for custom nodes (the `plugin` MoE lowering). ModelOpt then calibrates
   through the TensorRT execution provider, so plugin graphs need TensorRT; on a CPU-only machine
   calibrate the `portable` lowering (standard ops) with calibration_eps=["cpu"].
+- ModelOpt runs in a child process: it monkeypatches onnxruntime.quantization's calibrators while it works,
+  which broke the onnxruntime int8 path (ort_quant.py) of the same process. Never import modelopt.onnx
+  .quantization in-process next to calibration.quantize.
+- modelopt_export_dir: a whole fp32 export directory -> Q/DQ export directory (what --target tensorrt needs).
 Installed by the `quant` extra: nvidia-modelopt without its [onnx] extra (which pins onnx~=1.21 and
 onnxruntime-gpu~=1.24, replacing our onnxruntime) plus the modules modelopt.onnx.quantization imports;
 int8 / fp8 / int4 (awq_clip) run on CPU with onnx 1.23 and onnxruntime 1.32 (tests/calibration).
@@ -34,7 +38,6 @@ import onnx
 from runtime.errors import UserError
 
 from .graph import qdq_fed_inputs, read_float_inputs, router_nodes
-
 
 QUANTIZED_OPS = ("MatMul", "Gemm", "Conv")
 ROOT = Path(__file__).resolve().parents[1]
@@ -155,6 +158,38 @@ def modelopt_export_dir(fp32_dir: str | Path, out_dir: str | Path, mode: str, ca
                            "source_precision": "fp32", "calibration": calibration.summary()}
     (out_dir / MANIFEST_FILE).write_text(json.dumps(raw, indent=2) + "\n")
     return out_dir
+
+
+PRECISION_MODES = {"int8": ModelOptMode.INT8, "fp8": ModelOptMode.FP8, "int4": ModelOptMode.INT4_AWQ}
+
+
+def export_modelopt(model: str | Path, out: str | Path, moe_impl: str = "plugin", precision: str = "int8",
+                    vision_tower: str | None = None, calib_data: str | Path | None = None,
+                    calib_min_tokens: int = 32, plugins: list[str] | None = None,
+                    high_precision_dtype: str = "fp16") -> Path:
+    """Checkpoint -> ONNX export with ModelOpt Q/DQ graphs in `out` (atomic), for TensorRT engines.
+
+    The counterpart of calibration.quantize.export_quantized for --target tensorrt: fp32 graphs in the
+    requested lowering, the coverage-driven calibration set, then modelopt_export_dir. No onnxruntime
+    validation (QMoE-free Q/DQ graphs are TensorRT's to run; fp8 does not run on onnxruntime CPU).
+    """
+    from export.moe_lowering import MoEImpl
+    from export.onnx_export import Precision, write_export
+    from export.output_dir import staged_output
+    from moe_llava.loading import load_pretrained
+
+    from .quantize import calibration_set
+    if precision not in PRECISION_MODES:
+        raise UserError(f"ModelOpt quantises to {', '.join(PRECISION_MODES)}, not {precision!r}")
+    check_modelopt()
+    loaded = load_pretrained(model, vision_tower)
+    calibration = calibration_set(loaded, calib_data, calib_min_tokens)
+    with staged_output(Path(out)) as staging, tempfile.TemporaryDirectory(
+            prefix=f".{Path(out).name}.fp32.", dir=Path(out).parent) as fp32_dir:
+        write_export(loaded, Path(fp32_dir), MoEImpl(moe_impl).resolve("tensorrt"), Precision.FP32)
+        modelopt_export_dir(fp32_dir, staging, PRECISION_MODES[precision].value, calibration, plugins,
+                            high_precision_dtype)
+    return Path(out)
 
 
 def calibration_data(manifest, part: str, calibration) -> dict[str, np.ndarray]:

@@ -191,7 +191,7 @@ def _router_probe(manifest: Manifest) -> tuple[Path, list[str]]:
     producers = {out: node for node in model.graph.node for out in node.output}
     names = []
     for node in model.graph.node:
-        if node.op_type in ("MoE", "MoELlavaMoE"):
+        if node.op_type in ("MoE", "QMoE", "MoELlavaMoE"):
             logits = node.input[1]
             cast = producers.get(logits)  # ORT's op takes the fp32 logits cast like the hidden states
             names.append(cast.input[0] if cast is not None and cast.op_type in ("Cast", "CastLike") else logits)

@@ -209,7 +209,8 @@ def publish(model_dir: Path, work: Path, out: Path, data: SyntheticDataset, resu
     """The final model + example + results + figures into `out` (e.g. moe_llava/assets/demo)."""
     out.mkdir(parents=True, exist_ok=True)
     for name in ("config.json", "model.safetensors", *TOKENIZER_FILES):
-        shutil.copy(model_dir / name, out / name)
+        if (model_dir / name).is_file():  # TOKENIZER_FILES also lists other families' files (qwen.tiktoken)
+            shutil.copy(model_dir / name, out / name)
     shutil.copy(data.root / "images" / "heldout_000000.png", out / "example.png")
     (out / "example_prompt.txt").write_text(EXAMPLE_PROMPT + "\n")
     write_json(results, out / "results.json")
