@@ -76,7 +76,8 @@ def export_tensorrt(model: str | Path | None = None, from_onnx: str | Path | Non
         if source is not None:
             link_export(source.root, stage)
         else:
-            _export_checkpoint(model, stage, impl, graph_precision, vision_tower, calib_data, calib_min_tokens)
+            _export_checkpoint(model, stage, impl, graph_precision, vision_tower, calib_data, calib_min_tokens,
+                               settings.plugin)
         plan, settings = build_into(trt, stage, settings)
     print_trtexec(out, Manifest.load(out), plan, settings)
     return out
@@ -127,17 +128,17 @@ def _resolve_impl(moe_impl: str | None, source: Manifest | None) -> str:
 
 
 def _export_checkpoint(model, stage: Path, impl: str, precision: str, vision_tower, calib_data,
-                       calib_min_tokens: int) -> None:
+                       calib_min_tokens: int, plugin: Path | None = None) -> None:
     """The ONNX export (validated against PyTorch) straight into the staging directory."""
     from .moe_lowering import MoEImpl
-    if precision in QUANTISED:
+    if precision in QUANTISED:  # TensorRT takes ModelOpt Q/DQ graphs (QMoE / MatMulNBits are onnxruntime ops)
         try:
-            from calibration.quantize import export_quantized
+            from calibration.modelopt_qdq import export_modelopt
         except ImportError:
-            raise UserError(f"--precision {precision} needs calibration.quantize, which this install lacks; "
-                            "quantise with --target onnx first and build with --from-onnx") from None
-        export_quantized(model, stage, impl, precision, vision_tower, calib_data=calib_data,
-                         calib_min_tokens=calib_min_tokens, validate=True)
+            raise UserError(f"--precision {precision} needs the calibration package (pip install "
+                            "'moe-llava-edge[quant]'); or quantise elsewhere and build with --from-onnx") from None
+        export_modelopt(model, stage, impl, precision, vision_tower, calib_data=calib_data,
+                        calib_min_tokens=calib_min_tokens, plugins=[str(plugin)] if plugin else None)
         return
     from .onnx_export import export_onnx
     export_onnx(model, stage, MoEImpl(impl), precision, vision_tower, validate=True)
