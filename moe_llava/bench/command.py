@@ -48,7 +48,7 @@ class BenchOptions:
 def bench_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moe-bench", description="Latency and memory of the runtime against PyTorch "
                                 "eager on the same model and inputs: vision, projector, time to first token, decode "
-                                "tokens/s (and %% of the memory-bandwidth roofline), peak RSS. Each backend runs in "
+                                "tokens/s (and % of the memory-bandwidth roofline), peak RSS. Each backend runs in "
                                 "its own process; runs are interleaved; medians are reported.")
     p.add_argument("--model", help="checkpoint directory (official MoE-LLaVA layout) or 'demo'")
     p.add_argument("--engine-dir", help="export directory to time (default: export --model into a temp dir)")

@@ -47,6 +47,8 @@ def train_parser() -> argparse.ArgumentParser:
     stage.add_argument("--num-workers", type=int, default=0, help="data loader processes")
     stage.add_argument("--logging-steps", type=int, default=1)
     stage.add_argument("--cache-images", action="store_true", help="keep preprocessed images in memory")
+    stage.add_argument("--group-by-length", action="store_true", help="batch samples of similar length together "
+                       "(less padding)")
     moe = p.add_argument_group("stage 3 upcycling (default: the model's moe dict)")
     moe.add_argument("--num-experts", type=int)
     moe.add_argument("--top-k", type=int)
@@ -88,6 +90,7 @@ def stage_config(args: argparse.Namespace):
         seed=args.seed, model_max_length=args.model_max_length, train_tower=args.train_tower,
         save_steps=args.save_steps, save_total_limit=args.save_total_limit, logging_steps=args.logging_steps,
         num_workers=args.num_workers, precision=args.precision, resume=args.resume, cache_images=args.cache_images,
+        group_by_length=args.group_by_length,
         progress=not args.no_progress,
         moe=MoEOptions(args.num_experts, args.top_k, args.moe_mode, args.capacity_factor, args.aux_loss_coef))
 

@@ -1,16 +1,18 @@
 """The demo recipe: synthetic scenes -> tower pre-training -> stages I, II, III -> evaluation -> demo model.
 
-Everything is seeded; on the 2-core development CPU the whole recipe takes ~DEMO_MINUTES minutes.
+Everything is seeded; on the 2-core development CPU (otherwise idle: it is compute-bound, and OpenMP
+threads slow down badly when another job shares the cores) the whole recipe takes ~DEMO_MINUTES minutes.
 The demo backbone is StableLM-shaped (`moe_llava_stablelm`: SwiGLU FFN, LayerNorm, qkv bias, partial
-rotary), MoE every other layer (sparse), 4 experts top-2; the tower is CLIP-shaped (64 px, patch 8).
+rotary), MoE every other layer (sparse), 4 experts top-2; the tower is CLIP-shaped (96 px, patch 16: 36 image tokens).
 
 Where the vision features come from: no pretrained tower exists offline, so the recipe adds a stage 0
-(see tower.py) that pretrains the tower on the training scenes with a per-patch shape/colour probe -
-a stand-in for CLIP pretraining. From stage I on the tower is frozen, exactly as for real checkpoints
+(see tower.py) that pretrains the tower on the training scenes with linear probes (per patch: shape and
+colour; per object: shape and colour; per patch: which shapes the image contains) - a stand-in for CLIP
+pretraining. From stage I on the tower is frozen, exactly as for real checkpoints
 (`--train-tower` exists but is off by default and unused here). There is no pretrained LLM either: the
 reference learning rates (1e-3 / 2e-5 / 2e-5) assume a pretrained LLM, so stages II and III use larger
 ones and several epochs; stage I keeps the reference 1e-3 (it trains the projector against the frozen,
-still random LLM - faithful, and of little use, as the stage-I-only ablation shows).
+still random LLM - faithful, and of little use, as the ablation without stage II shows).
 """
 from __future__ import annotations
 
@@ -37,7 +39,7 @@ from .run import StageConfig, run_stage
 from .stages import Stage
 from .tower import ProbeDataset, TowerProbe, probe_targets
 
-DEMO_MINUTES = 12
+DEMO_MINUTES = 22
 EXAMPLE_PROMPT = "What is in the image?"
 
 
@@ -66,9 +68,9 @@ class DemoRecipe:
     num_experts: int = 4
     top_k: int = 2
     drills: bool = True           # add existence drills (multi-turn yes/no) to the stage II/III data
-    tower: StageRecipe = StageRecipe(2e-3, 10, 64)
+    tower: StageRecipe = StageRecipe(2e-3, 30, 64)
     stage1: StageRecipe = StageRecipe(1e-3, 1)
-    stage2: StageRecipe = StageRecipe(1e-3, 3)
+    stage2: StageRecipe = StageRecipe(1e-3, 4)
     stage3: StageRecipe = StageRecipe(5e-4, 1)
 
 

@@ -61,6 +61,7 @@ class StageConfig:
     precision: str = "fp32"           # fp32 | bf16 | fp16 (mixed precision, master weights fp32)
     resume: str | None = None         # a checkpoint-N dir, or "latest" (the newest under out/)
     cache_images: bool = False
+    group_by_length: bool = False     # batches of similar length (less padding; LLaVA's group_by_modality_length)
     moe: MoEOptions = field(default_factory=MoEOptions)
     progress: bool = True
 
@@ -112,7 +113,8 @@ def training_arguments(cfg: StageConfig):
         seed=cfg.seed, data_seed=cfg.seed, dataloader_num_workers=cfg.num_workers,
         remove_unused_columns=False, report_to="none", disable_tqdm=not cfg.progress,
         bf16=cfg.precision == "bf16", fp16=cfg.precision == "fp16", max_grad_norm=1.0,
-        dataloader_pin_memory=torch.cuda.is_available())
+        dataloader_pin_memory=torch.cuda.is_available(),
+        train_sampling_strategy="group_by_length" if cfg.group_by_length else "random")
 
 
 def resolve_resume(cfg: StageConfig) -> str | None:

@@ -5,7 +5,10 @@ there is no such tower, and a frozen random tower would leave stages I-III nothi
 for CLIP's pretraining, this stage teaches the tower, on the TRAINING scenes only, to describe each
 object through the tokens the projector will see (layer -2, CLS dropped):
   - per patch: which shape class and which colour covers it (linear probe, cross-entropy);
-  - per object: its shape and colour from the coverage-weighted mean of its patches' features.
+  - per object: its shape and colour from the coverage-weighted mean of its patches' features;
+  - per patch, again: which shape classes the whole image contains (multi-label). This puts a global
+    summary into every token, as CLIP's late-layer patch tokens carry global semantics; it is what lets
+    a small LLM learn object existence (POPE) within the demo's budget.
 The probes are thrown away; stages I-III then keep the tower frozen, as they do for real checkpoints.
 
 Shapes: N images, P patches (g x g grid), O objects per scene (<= MAX_OBJECTS), Dv tower width.
@@ -52,9 +55,11 @@ def probe_targets(scene: Scene, image_size: int, patch_size: int) -> dict[str, n
     weights = np.zeros((MAX_OBJECTS, cover.shape[1]), np.float32)
     weights[: len(cover)] = cover / cover.sum(1, keepdims=True)
     pad = [-100] * (MAX_OBJECTS - len(shapes))  # ignored by cross-entropy
+    present = np.zeros(len(SHAPES), np.float32)
+    present[shapes - 1] = 1
     return {"patch_shapes": np.where(covered, shapes[owner], 0), "patch_colors": np.where(covered, colors[owner], 0),
             "object_weights": weights, "object_shapes": np.array(list(shapes - 1) + pad),
-            "object_colors": np.array(list(colors - 1) + pad)}
+            "object_colors": np.array(list(colors - 1) + pad), "present": present}
 
 
 class TowerProbe(nn.Module):
@@ -66,35 +71,44 @@ class TowerProbe(nn.Module):
         width = tower.hidden_size
         self.patch_probe = nn.Linear(width, len(SHAPE_CLASSES) + len(COLOR_CLASSES))
         self.object_probe = nn.Linear(width, len(SHAPES) + len(COLORS))
+        self.presence_probe = nn.Linear(width, len(SHAPES))
 
     def object_logits(self, features: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         pooled = torch.einsum("nop,npd->nod", weights, features)                     # [N,O,Dv]
         return self.object_probe(pooled)                                             # [N,O,8+7]
 
-    def forward(self, pixel_values, patch_shapes, patch_colors, object_weights, object_shapes, object_colors, **_):
+    def forward(self, pixel_values, patch_shapes, patch_colors, object_weights, object_shapes, object_colors,
+                present, **_):
         features = self.tower(pixel_values)                                          # [N,P,Dv]
         patch = self.patch_probe(features)                                           # [N,P,9+8]
-        obj = self.object_logits(features, object_weights)
+        obj = self.object_logits(features, object_weights)                           # [N,O,8+7]
+        presence = self.presence_probe(features)                                     # [N,P,8]
         s = len(SHAPE_CLASSES)
         loss = (F.cross_entropy(patch[..., :s].flatten(0, 1), patch_shapes.flatten())
                 + F.cross_entropy(patch[..., s:].flatten(0, 1), patch_colors.flatten())
                 + F.cross_entropy(obj[..., :s - 1].flatten(0, 1), object_shapes.flatten())
-                + F.cross_entropy(obj[..., s - 1:].flatten(0, 1), object_colors.flatten()))
+                + F.cross_entropy(obj[..., s - 1:].flatten(0, 1), object_colors.flatten())
+                + F.binary_cross_entropy_with_logits(presence, present[:, None].expand_as(presence)))
         return {"loss": loss}
 
     @torch.no_grad()
     def accuracy(self, data: dict[str, torch.Tensor], batch: int = 256) -> dict[str, float]:
-        """Object-level shape / colour accuracy of the object probe."""
-        hits, total = np.zeros(2), 0
+        """Object-level shape / colour accuracy, and presence accuracy from single patch tokens."""
+        hits, total, presence, patches = np.zeros(2), 0, 0.0, 0
         for i in range(0, len(data["pixel_values"]), batch):
             part = {k: v[i:i + batch] for k, v in data.items()}
-            obj = self.object_logits(self.tower(part["pixel_values"]), part["object_weights"])
+            features = self.tower(part["pixel_values"])
+            obj = self.object_logits(features, part["object_weights"])
             valid = part["object_shapes"] >= 0
             s = len(SHAPES)
             hits += [(obj[..., :s].argmax(-1) == part["object_shapes"])[valid].sum().item(),
                      (obj[..., s:].argmax(-1) == part["object_colors"])[valid].sum().item()]
             total += valid.sum().item()
-        return {"object_shape_acc": hits[0] / max(total, 1), "object_color_acc": hits[1] / max(total, 1)}
+            guess = self.presence_probe(features) > 0                                # [N,P,8]
+            presence += (guess == part["present"][:, None].bool()).float().mean(-1).sum().item()
+            patches += guess.shape[0] * guess.shape[1]
+        return {"object_shape_acc": hits[0] / max(total, 1), "object_color_acc": hits[1] / max(total, 1),
+                "presence_acc": presence / max(patches, 1)}
 
 
 class ProbeDataset(torch.utils.data.Dataset):

@@ -29,3 +29,6 @@ def test_probe_targets():
     assert t["object_weights"][2:].sum() == 0
     labels = set(t["patch_shapes"].tolist())
     assert labels == {0, SHAPE_CLASSES.index("star"), SHAPE_CLASSES.index("square")}
+    # image-level multi-label target: exactly the scene's two shape classes
+    present = {SHAPE_CLASSES[i + 1] for i in np.flatnonzero(t["present"])}
+    assert present == {"star", "square"}
