@@ -66,6 +66,9 @@ def bench_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help="question; the model's chat template is applied")
     p.add_argument("--json", help="write the figures to this JSON file")
     p.add_argument("--plot", help="write a PNG bar chart here (the scaling chart goes next to it, *-scaling.png)")
+    p.add_argument("--precisions", type=_dir_list, metavar="DIR,DIR,...",
+                   help="export directories of one model at several precisions (fp32, int8, int4 ...): size on "
+                        "disk, agreement and POPE F1 from each validation.json, decode / prefill speed on CPU")
     s = p.add_argument_group("MoE scaling study (random StableLM-shaped models, equal active size)")
     s.add_argument("--scale-experts", type=_int_list, help="expert counts to compare at k=2, e.g. 4,8,16")
     s.add_argument("--scale-preset", choices=[x.value for x in Preset], default=Preset.SMALL.value,
@@ -80,6 +83,14 @@ def _backend_list(text: str) -> list[str]:
     if bad or not names:
         raise argparse.ArgumentTypeError(f"unknown backend(s) {bad}; choose from {','.join(BACKENDS)}")
     return list(dict.fromkeys(names))
+
+
+def _dir_list(text: str) -> list[str]:
+    dirs = [t.strip() for t in text.split(",") if t.strip()]
+    missing = [d for d in dirs if not (Path(d) / "manifest.json").is_file()]
+    if missing or not dirs:
+        raise argparse.ArgumentTypeError(f"not export directories (no manifest.json): {missing or text!r}")
+    return dirs
 
 
 def _int_list(text: str) -> list[int]:
@@ -103,6 +114,10 @@ def bench_command(args: argparse.Namespace) -> int:
         print(bench_table(report))
     if args.scale_experts:
         _scaling(args, report)
+    if args.precisions:
+        from calibration.report import format_table, precision_table
+        report["precisions"] = precision_table(args.precisions, threads=args.threads)
+        print(format_table(report["precisions"]))
     _write_outputs(report, args.json, args.plot)
     return 0
 
@@ -120,8 +135,9 @@ def _scaling(args: argparse.Namespace, report: dict) -> None:
 
 
 def _check(args: argparse.Namespace) -> None:
-    if not (args.model or args.engine_dir or args.scale_experts):
-        raise UserError("give --model (a checkpoint directory or 'demo'), --engine-dir, or --scale-experts")
+    if not (args.model or args.engine_dir or args.scale_experts or args.precisions):
+        raise UserError("give --model (a checkpoint directory or 'demo'), --engine-dir, --scale-experts or "
+                        "--precisions")
     if "pytorch" in args.backends and args.engine_dir and not args.model:
         raise UserError("the pytorch backend needs --model; pass it or use --backends onnxruntime")
     for name, value, least in (("--runs", args.runs, 1), ("--warmup", args.warmup, 0),
