@@ -118,16 +118,25 @@ constexpr int kTileN = 64;
 constexpr int kTileK = 32;
 constexpr int kTiledThreads = 256;
 
+// The rows and columns one tiled-kernel block owns: rows [rowBegin, rowEnd) of expert e, columns n0.. .
+struct TileWork {
+    int e, rowBegin, rowEnd, n0;
+};
+
+template <typename IO>
+__device__ __forceinline__ TileWork tileWork(const GemmArgs<IO>& a, int tile) {
+    const int e = expertOfTile(a.tileOffsets, a.E, tile);
+    return {e, a.expertOffsets[e] + (tile - a.tileOffsets[e]) * kTileM, a.expertOffsets[e + 1],
+            static_cast<int>(blockIdx.y) * kTileN};
+}
+
 template <typename IO, int ACT>
 __global__ void __launch_bounds__(kTiledThreads)
 tiledGemmKernel(GemmArgs<IO> a) {
     constexpr bool kGated = ACT == kActSwiGLU;
     const int tile = blockIdx.x;
     if (tile >= a.tileOffsets[a.E]) return;  // block-uniform, before any barrier
-    const int e = expertOfTile(a.tileOffsets, a.E, tile);
-    const int rowBegin = a.expertOffsets[e] + (tile - a.tileOffsets[e]) * kTileM;
-    const int rowEnd = a.expertOffsets[e + 1];
-    const int n0 = blockIdx.y * kTileN;
+    const auto [e, rowBegin, rowEnd, n0] = tileWork(a, tile);
     const IO* W = a.W + static_cast<size_t>(e) * a.Nw * a.Kd;
 
     // k-major tiles; the +1 pad keeps the transposed stores conflict-free.
@@ -235,10 +244,7 @@ wmmaGemmKernel(GemmArgs<__half> a) {
     constexpr bool kGated = ACT == kActSwiGLU;
     const int tile = blockIdx.x;
     if (tile >= a.tileOffsets[a.E]) return;  // block-uniform, before any barrier
-    const int e = expertOfTile(a.tileOffsets, a.E, tile);
-    const int rowBegin = a.expertOffsets[e] + (tile - a.tileOffsets[e]) * kTileM;
-    const int rowEnd = a.expertOffsets[e + 1];
-    const int n0 = blockIdx.y * kTileN;
+    const auto [e, rowBegin, rowEnd, n0] = tileWork(a, tile);
     const __half* W = a.W + static_cast<size_t>(e) * a.Nw * a.Kd;
     __shared__ __align__(128) WmmaSmem<kGated> sm;
 

@@ -94,6 +94,17 @@ std::string shapeProblem(const Dims (&d)[kNbInputs], const MoeAttributes& a) {
     return "";
 }
 
+// 0 when the six input shapes are consistent, else logs why and returns 1; `dimsOf` reads one input's Dims
+// (configurePlugin gets DynamicPluginTensorDesc, onShapeChange PluginTensorDesc).
+template <typename Desc, typename DimsOf>
+int32_t checkShapes(const Desc* in, const MoeAttributes& a, DimsOf dimsOf) {
+    Dims dims[kNbInputs];
+    for (int32_t i = 0; i < kNbInputs; ++i) dims[i] = dimsOf(in[i]);
+    const std::string problem = shapeProblem(dims, a);
+    if (!problem.empty()) logError(problem);
+    return problem.empty() ? 0 : 1;
+}
+
 bool toMoeDType(DataType t, MoeDType& out) {
     if (t == DataType::kFLOAT) out = MoeDType::kFP32;
     else if (t == DataType::kHALF) out = MoeDType::kFP16;
@@ -212,11 +223,7 @@ int32_t MoePlugin::configurePlugin(const nvinfer1::DynamicPluginTensorDesc* in, 
                      std::to_string(nbOutputs));
             return 1;
         }
-        Dims dims[kNbInputs];
-        for (int32_t i = 0; i < kNbInputs; ++i) dims[i] = in[i].desc.dims;
-        const std::string problem = shapeProblem(dims, mAttrs);
-        if (!problem.empty()) logError(problem);
-        return problem.empty() ? 0 : 1;
+        return checkShapes(in, mAttrs, [](const nvinfer1::DynamicPluginTensorDesc& d) { return d.desc.dims; });
     } catch (const std::exception& e) {
         logError(e.what());
         return 1;
@@ -266,11 +273,7 @@ int32_t MoePlugin::onShapeChange(const nvinfer1::PluginTensorDesc* in, int32_t n
                                  const nvinfer1::PluginTensorDesc* /*out*/, int32_t nbOutputs) noexcept {
     try {
         if (nbInputs != kNbInputs || nbOutputs != 1) return 1;
-        Dims dims[kNbInputs];
-        for (int32_t i = 0; i < kNbInputs; ++i) dims[i] = in[i].dims;
-        const std::string problem = shapeProblem(dims, mAttrs);
-        if (!problem.empty()) logError(problem);
-        return problem.empty() ? 0 : 1;
+        return checkShapes(in, mAttrs, [](const nvinfer1::PluginTensorDesc& d) { return d.dims; });
     } catch (const std::exception& e) {
         logError(e.what());
         return 1;
