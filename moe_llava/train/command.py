@@ -48,7 +48,8 @@ def train_parser() -> argparse.ArgumentParser:
     stage.add_argument("--logging-steps", type=int, default=1)
     stage.add_argument("--cache-images", action="store_true", help="keep preprocessed images in memory")
     stage.add_argument("--group-by-length", action="store_true", help="batch samples of similar length together "
-                       "(less padding)")
+                       "(less padding; with the per-batch mean loss it also shifts weight between answer types - "
+                       "the demo recipe leaves it off for that reason)")
     moe = p.add_argument_group("stage 3 upcycling (default: the model's moe dict)")
     moe.add_argument("--num-experts", type=int)
     moe.add_argument("--top-k", type=int)
