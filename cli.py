@@ -6,21 +6,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Callable
 
 from runtime.errors import UserError
-
-
-def _guarded(main: Callable[[argparse.Namespace], int], parser: argparse.ArgumentParser, argv) -> int:
-    args = parser.parse_args(argv)
-    try:
-        return main(args) or 0
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+from runtime.errors import run_command as _guarded
 
 
 # ---- moe-run ----------------------------------------------------------------------------------
@@ -93,12 +81,13 @@ def _export_parser() -> argparse.ArgumentParser:
 
 def _export(args: argparse.Namespace) -> int:
     if args.target == "tensorrt":
-        from export.tensorrt_build import export_tensorrt
-        out = export_tensorrt(model=args.model, from_onnx=args.from_onnx, out=args.out, moe_impl=args.moe_impl,
-                              precision=args.precision, plugin=args.plugin, gpu=args.gpu,
-                              max_batch=args.max_batch, max_seq=args.max_seq, workspace_mb=args.workspace_mb,
-                              timing_cache=args.timing_cache, vision_tower=args.vision_tower,
-                              calib_data=args.calib_data, calib_min_tokens=args.calib_min_tokens)
+        from calibration.tensorrt_quantised import export_tensorrt_quantised
+        out = export_tensorrt_quantised(model=args.model, from_onnx=args.from_onnx, out=args.out,
+                                        moe_impl=args.moe_impl, precision=args.precision, plugin=args.plugin,
+                                        gpu=args.gpu, max_batch=args.max_batch, max_seq=args.max_seq,
+                                        workspace_mb=args.workspace_mb, timing_cache=args.timing_cache,
+                                        vision_tower=args.vision_tower, calib_data=args.calib_data,
+                                        calib_min_tokens=args.calib_min_tokens)
         print(f"wrote {out}")
         return 0
     if not args.model:
@@ -134,7 +123,7 @@ def export_main(argv=None) -> int:
 
 # ---- moe-bench (parser lives with the benchmark code) --------------------------------------------
 def bench_main(argv=None) -> int:
-    from moe_llava.bench.command import bench_command, bench_parser
+    from benchmarks.command import bench_command, bench_parser
     return _guarded(bench_command, bench_parser(), argv)
 
 

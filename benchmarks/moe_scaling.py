@@ -1,4 +1,4 @@
-"""MoE scaling study and synthetic checkpoints for moe-bench (a thin wrapper over moe_llava.bench).
+"""MoE scaling study and synthetic checkpoints for moe-bench (a thin wrapper over benchmarks/command.py).
 
     python benchmarks/moe_scaling.py --experts 4,8,16 [--preset small] [--runs 3] [--json F] [--plot F]
         decode ms/token and prefill ms of PyTorch eager and onnxruntime for random StableLM-shaped models with
@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from moe_llava.bench.synthetic import Preset  # noqa: E402
+from benchmarks.synthetic import Preset  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -33,10 +33,11 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     experts = [int(e) for e in args.experts.split(",")]
     if args.write_checkpoint:
-        from moe_llava.bench.synthetic import write_synthetic_checkpoint
+        from benchmarks.synthetic import write_synthetic_checkpoint
         print(write_synthetic_checkpoint(args.write_checkpoint, args.preset, experts[0]))
         return 0
-    from cli import bench_main
+    from benchmarks.command import bench_command, bench_parser
+    from runtime.errors import run_command
     forwarded = ["--scale-experts", args.experts, "--scale-preset", args.preset, "--runs", str(args.runs),
                  "--warmup", str(args.warmup), "--max-new-tokens", str(args.max_new_tokens),
                  "--backends", args.backends]
@@ -44,7 +45,7 @@ def main(argv=None) -> int:
                         ("--scale-dir", args.scale_dir)):
         if value is not None:
             forwarded += [flag, str(value)]
-    return bench_main(forwarded)
+    return run_command(bench_command, bench_parser(), forwarded)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import shutil
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from runtime.errors import UserError
 from runtime.manifest import MANIFEST_FILE, PARTS, Manifest
@@ -36,6 +36,8 @@ from .tensorrt_trtexec import format_command, trtexec_command
 
 MOE_IMPLS = ("auto", "ort", "plugin", "portable")
 QUANTISED = ("int8", "int4", "fp8")
+# (model, stage dir, MoE lowering, precision, vision tower, plugins=[...]) -> a quantised ONNX export in stage
+QuantisedWriter = Callable[..., None]
 
 
 @dataclass(frozen=True)
@@ -56,9 +58,10 @@ def export_tensorrt(model: str | Path | None = None, from_onnx: str | Path | Non
                     out: str | Path | None = None, moe_impl: str = "auto", precision: str | None = None,
                     plugin: str | Path | None = None, gpu: str = "auto", max_batch: int = 1, max_seq: int = 2048,
                     workspace_mb: int | None = None, timing_cache: str | Path | None = None,
-                    vision_tower: str | None = None, calib_data: str | None = None,
-                    calib_min_tokens: int = 32) -> Path:
-    """Build TensorRT engines from `model` (a checkpoint dir or 'demo') or `from_onnx` into `out`."""
+                    vision_tower: str | None = None, write_quantised: QuantisedWriter | None = None) -> Path:
+    """Build TensorRT engines from `model` (a checkpoint dir or 'demo') or `from_onnx` into `out`.
+    A quantised `precision` from a checkpoint needs `write_quantised` (the calibration layer passes it:
+    calibration.tensorrt_quantised.export_tensorrt_quantised), so export never imports calibration."""
     trt = import_tensorrt()
     check_tensorrt_version(trt.__version__)
     out = _check_request(model, from_onnx, out, moe_impl, workspace_mb)
@@ -76,8 +79,7 @@ def export_tensorrt(model: str | Path | None = None, from_onnx: str | Path | Non
         if source is not None:
             link_export(source.root, stage)
         else:
-            _export_checkpoint(model, stage, impl, graph_precision, vision_tower, calib_data, calib_min_tokens,
-                               settings.plugin)
+            _export_checkpoint(model, stage, impl, graph_precision, vision_tower, settings.plugin, write_quantised)
         plan, settings = build_into(trt, stage, settings)
     print_trtexec(out, Manifest.load(out), plan, settings)
     return out
@@ -127,18 +129,15 @@ def _resolve_impl(moe_impl: str | None, source: Manifest | None) -> str:
     return source.moe_impl
 
 
-def _export_checkpoint(model, stage: Path, impl: str, precision: str, vision_tower, calib_data,
-                       calib_min_tokens: int, plugin: Path | None = None) -> None:
+def _export_checkpoint(model, stage: Path, impl: str, precision: str, vision_tower, plugin: Path | None,
+                       write_quantised: QuantisedWriter | None) -> None:
     """The ONNX export (validated against PyTorch) straight into the staging directory."""
     from .moe_lowering import MoEImpl
     if precision in QUANTISED:  # TensorRT takes ModelOpt Q/DQ graphs (QMoE / MatMulNBits are onnxruntime ops)
-        try:
-            from calibration.modelopt_qdq import export_modelopt
-        except ImportError:
-            raise UserError(f"--precision {precision} needs the calibration package (pip install "
-                            "'moe-llava-edge[quant]'); or quantise elsewhere and build with --from-onnx") from None
-        export_modelopt(model, stage, impl, precision, vision_tower, calib_data=calib_data,
-                        calib_min_tokens=calib_min_tokens, plugins=[str(plugin)] if plugin else None)
+        if write_quantised is None:
+            raise UserError(f"--precision {precision} from a checkpoint is built by calibration.tensorrt_quantised "
+                            "(moe-export does that); or quantise elsewhere and build with --from-onnx")
+        write_quantised(model, stage, impl, precision, vision_tower, plugins=[str(plugin)] if plugin else None)
         return
     from .onnx_export import export_onnx
     export_onnx(model, stage, MoEImpl(impl), precision, vision_tower, validate=True)

@@ -12,9 +12,9 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("matplotlib")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "runtime"))
 
-import moe_llava.bench.command as command  # noqa: E402
+import benchmarks.command as command  # noqa: E402
 from cli import bench_main  # noqa: E402
-from moe_llava.bench.report import plot_scaling, scaling_table  # noqa: E402
+from benchmarks.report import plot_scaling, scaling_table  # noqa: E402
 from rt_helpers import build_tiny_export  # noqa: E402
 from tiny import write_tiny_checkpoint  # noqa: E402
 

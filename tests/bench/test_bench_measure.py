@@ -10,7 +10,7 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "runtime"))
 
-from moe_llava.bench.measure import METRICS, WorkerSpec, measure_interleaved, peak_rss_mb  # noqa: E402
+from benchmarks.measure import METRICS, WorkerSpec, measure_interleaved, peak_rss_mb  # noqa: E402
 from rt_helpers import build_tiny_export  # noqa: E402
 from runtime.errors import UserError  # noqa: E402
 

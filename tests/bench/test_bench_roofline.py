@@ -5,7 +5,7 @@ import pytest
 
 pytest.importorskip("torch")
 
-from moe_llava.bench.roofline import achieved, copy_bandwidth_gbs, decode_weight_bytes  # noqa: E402
+from benchmarks.roofline import achieved, copy_bandwidth_gbs, decode_weight_bytes  # noqa: E402
 from tiny import VOCAB, tiny_config  # noqa: E402
 
 

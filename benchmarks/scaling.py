@@ -1,6 +1,6 @@
 """The scaling study: E in {4, 8, 16} experts at k=2 with equal ACTIVE size, decode and prefill per backend.
 
-One random StableLM-shaped checkpoint per E (moe_llava.bench.synthetic: H, I, L, V fixed, so a token uses the
+One random StableLM-shaped checkpoint per E (benchmarks.synthetic: H, I, L, V fixed, so a token uses the
 same number of parameters whatever E is), exported with com.microsoft.MoE. All workers - every E, every backend
 - are measured in one interleaved loop, so drift cannot masquerade as an E effect. The paper's promise: decode
 cost follows active parameters, i.e. the decode-time ratio E=16 / E=4 stays near 1 while total parameters grow.

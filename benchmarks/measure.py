@@ -1,7 +1,7 @@
 """One backend's measurements in its own process; interleaved rounds across those processes.
 
 Parent side: `measure_interleaved({name: WorkerSpec})` starts one worker process per entry
-(`python -m moe_llava.bench.measure SPEC`), waits until each has loaded its model, then sends `run` to each
+(`python -m benchmarks.measure SPEC`), waits until each has loaded its model, then sends `run` to each
 in turn, round after round (A B, B A, A B, ...), so machine drift hits every side alike;
 the first `warmup` rounds are dropped. Each worker finally reports its peak resident memory. Only the worker's
 own process counts: the PyTorch worker never loads onnxruntime and the runtime worker never imports torch.
@@ -163,10 +163,10 @@ class Worker:
     def __init__(self, name: str, spec: WorkerSpec):
         self.name, self.spec = name, spec
         self.log = tempfile.TemporaryFile(mode="w+")
-        root = str(Path(__file__).resolve().parents[2])  # the repository, so the child imports these packages
+        root = str(Path(__file__).resolve().parents[1])  # the repository, so the child imports these packages
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
                "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
-        self.process = subprocess.Popen([sys.executable, "-m", "moe_llava.bench.measure", json.dumps(asdict(spec))],
+        self.process = subprocess.Popen([sys.executable, "-m", "benchmarks.measure", json.dumps(asdict(spec))],
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True,
                                         env=env)
 

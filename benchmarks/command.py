@@ -8,7 +8,7 @@ Without --engine-dir the model is exported (--moe-impl ort by default, fp32, no 
 JSON: {"model", "settings", "pytorch": {vision_ms, projector_ms, ttft_ms, decode_tok_s, peak_rss_mb, preprocess_ms,
 prefill_ms, decode_ms_per_token, load_s, spread, ...}, "runtime": {...}, "runtime_backend", "speedup": {ttft,
 decode, vision, peak_rss_ratio}, "agreement", "machine", "roofline", "scaling" (with --scale-experts)}.
-Python API: `bench_model(BenchOptions(...))` and `moe_llava.bench.scaling.run_scaling(...)`.
+Python API: `bench_model(BenchOptions(...))` and `benchmarks.scaling.run_scaling(...)`.
 """
 from __future__ import annotations
 
@@ -72,7 +72,7 @@ def bench_parser() -> argparse.ArgumentParser:
     s = p.add_argument_group("MoE scaling study (random StableLM-shaped models, equal active size)")
     s.add_argument("--scale-experts", type=_int_list, help="expert counts to compare at k=2, e.g. 4,8,16")
     s.add_argument("--scale-preset", choices=[x.value for x in Preset], default=Preset.SMALL.value,
-                   help="model size of the study (see moe_llava/bench/synthetic.py)")
+                   help="model size of the study (see benchmarks/synthetic.py)")
     s.add_argument("--scale-dir", help="keep the study's checkpoints and exports here and reuse them (default: temp)")
     return p
 
