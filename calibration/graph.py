@@ -1,8 +1,6 @@
 """Small ONNX graph passes used by the quantisers (pure onnx + numpy, in place on a ModelProto).
 
-- router_nodes: the fp32 router MatMul/Gemm of every MoE layer, found by what consumes its output:
-    router -> [Cast|CastLike] -> MoE/QMoE/MoELlavaMoE input 1        (ort, plugin)
-    router -> Softmax -> TopK                                         (portable)
+- router_nodes (export/routers.py): the fp32 router MatMul/Gemm of every MoE layer.
 - weight_nodes: MatMul/Gemm/Conv/Gather nodes whose weight is an initializer (what gets quantised);
   output_heads: those whose output is a graph output (the LM head).
 - fold_constant_weights: Gather(initializer, constant index) and Transpose(initializer) become initializers,
@@ -18,17 +16,9 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-MOE_OPS = ("MoE", "QMoE", "MoELlavaMoE")
-PASS_THROUGH = ("Cast", "CastLike")
+from export.routers import consumers, router_nodes  # noqa: F401 (router_nodes: used by the quantisers)
+
 WEIGHT_INPUT = {"MatMul": 1, "Gemm": 1, "Conv": 1, "Gather": 0}
-
-
-def consumers(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
-    out: dict[str, list[onnx.NodeProto]] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            out.setdefault(name, []).append(node)
-    return out
 
 
 def producers(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
@@ -37,21 +27,6 @@ def producers(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
 
 def initializers(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
     return {i.name: i for i in model.graph.initializer}
-
-
-def router_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
-    users = consumers(model)
-
-    def feeds_routing(tensor: str, hops: int = 2) -> bool:
-        for user in users.get(tensor, []):
-            if user.op_type in MOE_OPS and len(user.input) > 1 and user.input[1] == tensor:
-                return True
-            if user.op_type == "Softmax" and any(u.op_type == "TopK" for u in users.get(user.output[0], [])):
-                return True
-            if user.op_type in PASS_THROUGH and hops and feeds_routing(user.output[0], hops - 1):
-                return True
-        return False
-    return [n for n in model.graph.node if n.op_type in ("MatMul", "Gemm") and feeds_routing(n.output[0])]
 
 
 def weight_nodes(model: onnx.ModelProto, op_types=tuple(WEIGHT_INPUT)) -> list[onnx.NodeProto]:

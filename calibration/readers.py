@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from export.compare import decoder_feed
 from runtime.manifest import Manifest
 
 from .calibset import EncodedSample
@@ -31,17 +32,6 @@ def part_feeds(manifest: Manifest, part: str, samples: list[EncodedSample]) -> l
     if part == "projector":
         return [{"image_features": s.image_features[None].astype(np.float32)} for s in images]
     raise ValueError(f"unknown part {part!r}; expected one of {PARTS}")
-
-
-def decoder_feed(manifest: Manifest, embeds: np.ndarray) -> dict[str, np.ndarray]:
-    spec = manifest.decoder
-    dtype = manifest.parts["decoder"].input("inputs_embeds").np_dtype
-    s = len(embeds)
-    feed = {"inputs_embeds": embeds[None].astype(dtype), "attention_mask": np.ones((1, s), np.int64),
-            "position_ids": np.arange(s, dtype=np.int64)[None]}
-    inputs, _ = spec.io_names()
-    feed.update({name: np.zeros((1, spec.num_kv_heads, 0, spec.head_dim), dtype) for name in inputs[3:]})
-    return feed
 
 
 def _unique_images(samples: list[EncodedSample]) -> list[EncodedSample]:

@@ -3,12 +3,16 @@ from __future__ import annotations
 
 from runtime.generation import Pipeline
 
-from .engine import TorchEngine
-from .loading import load_pretrained
+from .loading import LoadedModel, load_pretrained
+from .torch_engine import TorchEngine
+
+
+def pipeline_for(loaded: LoadedModel) -> Pipeline:
+    """The runtime's generation loop over the PyTorch model, with the reference processor (transformers),
+    not the runtime's numpy port: the reference side of every parity check."""
+    return Pipeline(TorchEngine(loaded.model), loaded.tokenizer, loaded.template, loaded.image_processor.spec,
+                    loaded.eos_token_id, loaded.bos_token_id, preprocess=loaded.image_processor)
 
 
 def torch_pipeline(model: str, vision_tower: str | None = None) -> Pipeline:
-    loaded = load_pretrained(model, vision_tower)
-    # the reference processor (transformers), not the runtime's numpy port
-    return Pipeline(TorchEngine(loaded.model), loaded.tokenizer, loaded.template, loaded.image_processor.spec,
-                    loaded.eos_token_id, loaded.bos_token_id, preprocess=loaded.image_processor)
+    return pipeline_for(load_pretrained(model, vision_tower))

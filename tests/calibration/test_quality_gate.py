@@ -1,5 +1,6 @@
 """The int8 quality gate: greedy divergences at near-tied logits do not fail an export; confident ones do."""
-from calibration.validation import NEAR_TIE_LOGITS, first_divergence, quality_failures
+from calibration.validation import NEAR_TIE_LOGITS, quality_failures
+from export.compare import first_divergence
 
 
 def _report(greedy: float, beyond_ties: float, cosine: float = 0.99999, drop: float = 0.5) -> dict:

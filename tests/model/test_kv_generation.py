@@ -4,7 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
-from moe_llava.engine import TorchEngine
+from moe_llava.torch_engine import TorchEngine
 from moe_llava.image_processing import HFImageProcessor
 from runtime.generation import Pipeline
 from runtime.prompt import IMAGE_TOKEN_INDEX, Template

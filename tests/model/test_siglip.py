@@ -9,7 +9,7 @@ from PIL import Image
 from transformers import SiglipImageProcessorPil, SiglipVisionConfig, SiglipVisionModel
 
 from moe_llava import vision
-from moe_llava.engine import TorchEngine
+from moe_llava.torch_engine import TorchEngine
 from moe_llava.image_processing import HFImageProcessor, expand_to_square
 from moe_llava.loading import load_pretrained, save_pretrained
 from moe_llava.vision import KNOWN_TOWERS, TowerSpec, VisionTower

@@ -3,11 +3,10 @@ import json
 import pytest
 import torch
 
-from moe_llava.engine import TorchEngine
+from moe_llava.inference import pipeline_for
 from moe_llava.loading import load_pretrained
 from moe_llava.train.evaluate import Answerer, evaluate, open_metrics, pope_metrics, yes_no
 from moe_llava.train.generate import IMAGE, TEXT, RoutingRecorder, greedy_generate
-from runtime.generation import Pipeline
 from tests.tiny import write_tiny_checkpoint
 
 
@@ -35,10 +34,7 @@ def test_open_metrics():
 
 
 def _pipeline_answer(loaded, image, question, max_new_tokens):
-    pipe = Pipeline(TorchEngine(loaded.model), loaded.tokenizer, loaded.template, loaded.image_processor.spec,
-                    loaded.eos_token_id, loaded.bos_token_id)
-    pipe.preprocess = loaded.image_processor
-    return pipe.generate(image, question, max_new_tokens=max_new_tokens).token_ids
+    return pipeline_for(loaded).generate(image, question, max_new_tokens=max_new_tokens).token_ids
 
 
 def test_batched_greedy_equals_moe_run_one_by_one(moe_loaded, tiny_data):
