@@ -27,9 +27,6 @@ class BlockQuant:
         if self.block_size is not None and (self.block_size < 16 or self.block_size & (self.block_size - 1)):
             raise ValueError(f"block_size must be a power of two >= 16, not {self.block_size}")
 
-    def fits(self, k: int) -> bool:
-        return self.block_size is None or k % self.block_size == 0
-
 
 def block_for(widths, bits: int) -> int | None:
     """The block along K: 4 bit 32 (accuracy), 8 bit the largest power of two <= 128 dividing every width."""

@@ -174,7 +174,8 @@ def export_modelopt(model: str | Path, out: str | Path, moe_impl: str = "plugin"
     validation (QMoE-free Q/DQ graphs are TensorRT's to run; fp8 does not run on onnxruntime CPU).
     """
     from export.moe_lowering import MoEImpl
-    from export.onnx_export import Precision, write_export
+    from export.onnx_export import write_export
+    from export.precision import Precision
     from export.output_dir import staged_output
     from moe_llava.loading import load_pretrained
 

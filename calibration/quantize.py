@@ -14,9 +14,9 @@ import json
 import shutil
 import sys
 import tempfile
-from enum import Enum
 from pathlib import Path
 
+from export.precision import Precision
 from runtime.errors import UserError
 from runtime.manifest import MANIFEST_FILE, PARTS, Manifest
 
@@ -27,23 +27,12 @@ FP8_REFUSAL = ("--precision fp8 has no onnxruntime CPU kernels; build it with --
                "Ada or Thor GPU (FP8 is not available on Jetson Orin: use int8 or int4 there)")
 
 
-class QuantPrecision(str, Enum):
-    INT8 = "int8"
-    INT4 = "int4"
-    FP8 = "fp8"
-
-    @property
-    def needs_calibration(self) -> bool:
-        return self is not QuantPrecision.INT4  # int4 is weight-only round-to-nearest
-
-
-def check_precision(precision: str) -> QuantPrecision:
-    try:
-        p = QuantPrecision(precision)
-    except ValueError:
+def check_precision(precision: str) -> Precision:
+    p = Precision(precision) if precision in {q.value for q in Precision} else None
+    if p is None or not p.quantised:
         raise UserError(f"--precision {precision!r} is not a quantised precision "
-                        f"({', '.join(q.value for q in QuantPrecision)})") from None
-    if p is QuantPrecision.FP8:
+                        f"({', '.join(q.value for q in Precision if q.quantised)})")
+    if p is Precision.FP8:
         raise UserError(FP8_REFUSAL)
     return p
 
@@ -54,7 +43,7 @@ def export_quantized(model: str | Path, out: str | Path, moe_impl="auto", precis
                      synthetic: SyntheticSpec | None = None, pope_per_split: int | None = None) -> Path:
     """Export `model` ('demo' or a checkpoint dir) quantised to `precision` into `out`; returns `out`."""
     from export.moe_lowering import MoEImpl
-    from export.onnx_export import Precision, write_export
+    from export.onnx_export import write_export
     from export.output_dir import check_target, staged_output
     from moe_llava.loading import load_pretrained
     p = check_precision(precision)
@@ -100,12 +89,12 @@ def report_coverage(calibration: CalibrationSet) -> None:
               " add --calib-data or lower --calib-min-tokens", file=sys.stderr)
 
 
-def quantize_export(fp32_dir: Path, out_dir: Path, precision: QuantPrecision | str,
+def quantize_export(fp32_dir: Path, out_dir: Path, precision: Precision | str,
                     calibration: CalibrationSet | None) -> Manifest:
     """An fp32 export directory -> a quantised one in `out_dir` (graphs, tokenizer, manifest, calibration.json)."""
     from .ort_quant import quantize_int4, quantize_int8
     from .readers import part_feeds
-    precision = QuantPrecision(precision)
+    precision = Precision(precision)
     source = Manifest.load(fp32_dir)
     if source.precision != "fp32":
         raise UserError(f"{fp32_dir}: quantisation starts from an fp32 export, not {source.precision}")
@@ -115,7 +104,7 @@ def quantize_export(fp32_dir: Path, out_dir: Path, precision: QuantPrecision | s
     reports = {}
     for part in PARTS:
         src, dst = source.path(part), out_dir / source.parts[part].file
-        if precision is QuantPrecision.INT8:
+        if precision is Precision.INT8:
             reports[part] = quantize_int8(src, dst, part_feeds(source, part, calibration.samples)).to_dict()
         else:
             reports[part] = quantize_int4(src, dst).to_dict()
@@ -128,16 +117,16 @@ def quantize_export(fp32_dir: Path, out_dir: Path, precision: QuantPrecision | s
 
 
 METHODS = {
-    QuantPrecision.INT8: "onnxruntime static Q/DQ (U8U8, per-channel asymmetric weights, MinMax) on "
+    Precision.INT8: "onnxruntime static Q/DQ (U8U8, per-channel asymmetric weights, MinMax) on "
                          "MatMul/Gemm/Conv; LM head weight-only 8-bit (MatMulNBits); QMoE 8-bit block-wise experts; "
                          "GatherBlockQuantized 8-bit embeddings; routers/norms float",
-    QuantPrecision.INT4: "weight-only: MatMulNBits 4-bit (block 32, asymmetric, accuracy_level 4); LM head 8-bit; "
+    Precision.INT4: "weight-only: MatMulNBits 4-bit (block 32, asymmetric, accuracy_level 4); LM head 8-bit; "
                          "QMoE 4-bit (block 32, accuracy_level 4) experts; GatherBlockQuantized 4-bit embeddings; "
                          "routers/norms float",
 }
 
 
-def _write_manifest(fp32_dir: Path, out_dir: Path, precision: QuantPrecision, details: dict) -> None:
+def _write_manifest(fp32_dir: Path, out_dir: Path, precision: Precision, details: dict) -> None:
     raw = json.loads((fp32_dir / MANIFEST_FILE).read_text())
     raw["precision"] = precision.value
     raw["quantization"] = {"method": details["method"], "source_precision": "fp32"}

@@ -25,7 +25,7 @@ from enum import Enum
 import torch
 from torch import nn
 
-from moe_llava.moe import Activation, MoELayer, activate, route
+from moe_llava.moe import Activation, MoELayer
 
 PLUGIN_DOMAIN, PLUGIN_OP, PLUGIN_VERSION = "moe_llava", "MoELlavaMoE", "1"
 PLUGIN_ACTIVATION = {Activation.SWIGLU: 0, Activation.GELU_TANH: 1, Activation.GELU_ERF: 2}
@@ -46,17 +46,9 @@ class MoEImpl(str, Enum):
 @torch.library.custom_op("moe_llava::moe", mutates_args=())
 def moe_op(x: torch.Tensor, router_logits: torch.Tensor, fc1: torch.Tensor, fc1_bias: torch.Tensor,
            fc2: torch.Tensor, fc2_bias: torch.Tensor, k: int, activation: str, interleaved: bool) -> torch.Tensor:
-    """Eager semantics of the op ([T,H] -> [T,H]); fc1 is [E,F,H], SwiGLU rows [gate; up] or interleaved."""
-    if interleaved:
-        fc1, fc1_bias = deinterleave_rows(fc1), deinterleave_rows(fc1_bias)
-    weights, experts = route(router_logits, k)                                # [T,K]
-    out = torch.zeros_like(x)
-    for slot in range(k):
-        h = torch.einsum("th,tfh->tf", x, fc1[experts[:, slot]]) + fc1_bias[experts[:, slot]]
-        h = activate(h, Activation(activation))                                # [T,I]
-        y = torch.einsum("ti,thi->th", h, fc2[experts[:, slot]]) + fc2_bias[experts[:, slot]]
-        out += weights[:, slot, None].to(x.dtype) * y
-    return out
+    """[T,H] -> [T,H]; fc1 is [E,F,H], SwiGLU rows [gate; up] or interleaved. Export-only: torch.export traces
+    the fake below and translation_table lowers the node, so nothing runs a body (MoELayer is the eager model)."""
+    raise NotImplementedError("moe_llava::moe is only exported, never run: run the MoELayer it stands in for")
 
 
 @moe_op.register_fake
@@ -68,10 +60,6 @@ def interleave_rows(t: torch.Tensor) -> torch.Tensor:
     """[E, 2I, ...] as [gate; up] -> rows [gate_0, up_0, gate_1, up_1, ...] (ORT's swiglu_fusion=1)."""
     gate, up = t.chunk(2, dim=1)                                              # [E,I,...] each
     return torch.stack([gate, up], dim=2).flatten(1, 2)                        # [E,I,2,...] -> [E,2I,...]
-
-
-def deinterleave_rows(t: torch.Tensor) -> torch.Tensor:
-    return torch.cat([t[:, 0::2], t[:, 1::2]], dim=1)
 
 
 class ExportMoE(nn.Module):

@@ -9,7 +9,6 @@ import contextlib
 import io
 import logging
 import warnings
-from enum import Enum
 from pathlib import Path
 
 import onnx
@@ -17,23 +16,16 @@ import torch
 from tqdm import tqdm
 
 from moe_llava.loading import LoadedModel, checkpoint_digest, load_pretrained
+from runtime.errors import UserError
 from runtime.manifest import DecoderSpec, Manifest, PartSpec, SpecialTokens, TensorSpec
 
 from .output_dir import check_target, staged_output
 from .moe_lowering import MoEImpl, swap_in_export_moe, translation_table
+from .precision import Precision
 from .parts import DecoderPart, EmbedPart, ProjectorPart, VisionPart, decoder_io_names, decoder_sample, kv_geometry
 
 OPSET = 18
 EXTERNAL_DATA_BYTES = 1 << 30  # graphs with more weights than this keep them in a .data file
-
-
-class Precision(str, Enum):
-    FP32 = "fp32"
-    FP16 = "fp16"
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return torch.float16 if self is Precision.FP16 else torch.float32
 
 
 def export_onnx(model: str | Path, out: str | Path, moe_impl: MoEImpl = MoEImpl.AUTO,
@@ -44,6 +36,9 @@ def export_onnx(model: str | Path, out: str | Path, moe_impl: MoEImpl = MoEImpl.
     check_target(out)
     impl = MoEImpl(moe_impl).resolve("onnx")
     precision = Precision(precision)
+    if precision.quantised:
+        raise UserError(f"--precision {precision.value} is quantised by calibration.quantize.export_quantized "
+                        "(moe-export does that); export_onnx writes fp32 or fp16")
     loaded = load_pretrained(model, vision_tower)
     with staged_output(out) as staging:
         write_export(loaded, staging, impl, precision)

@@ -39,10 +39,6 @@ class KVCache:
         self._current = 0
         self.length = 0  # n: positions cached
 
-    @property
-    def nbytes_per_position(self) -> int:
-        return self.num_layers * len(KINDS) * self.num_kv_heads * self.head_dim * self.dtype.itemsize
-
     def reset(self) -> None:
         self.length = 0
 

@@ -82,7 +82,7 @@ class OrtEngine:
         decoder = self.sessions["decoder"]
         max_len = max_len or self.manifest.decoder.max_positions
         if CUDA in decoder.session.get_providers():
-            self._decoder = DeviceDecoder(ort, decoder, self.manifest, max_len, device="cuda")
+            self._decoder = OrtDeviceDecoder(ort, decoder, self.manifest, max_len, device="cuda")
         else:
             self._decoder = HostDecoder(ort, decoder, self.manifest, max_len)
 
@@ -186,7 +186,7 @@ def _bind_array_output(binding, name: str, array: np.ndarray) -> None:
     binding.bind_output(name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
 
 
-class DeviceDecoder(_DecoderBase):
+class OrtDeviceDecoder(_DecoderBase):
     """CUDA path: presents stay on the device as OrtValues and are bound as the next step's pasts.
 
     onnxruntime allocates each present from its device arena; only embeds, mask, positions go up and the

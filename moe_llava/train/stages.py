@@ -16,7 +16,6 @@ from torch import nn
 from runtime.prompt import Template, template_for
 
 from ..model import MoELlavaForCausalLM
-from ..moe import MoELayer
 
 
 class Stage(IntEnum):
@@ -82,7 +81,3 @@ def moe_parameter_names(model: MoELlavaForCausalLM) -> set[str]:
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
-
-
-def is_moe_layer(module: nn.Module) -> bool:
-    return isinstance(module, MoELayer)

@@ -42,7 +42,8 @@ def calib_set(tiny_loaded, small_set):
 def fp32_exports(tiny_loaded, tmp_path_factory):
     """{impl: fp32 export dir} of the tiny checkpoint (write_export, no validation)."""
     from export.moe_lowering import MoEImpl
-    from export.onnx_export import Precision, write_export
+    from export.onnx_export import write_export
+    from export.precision import Precision
     root = tmp_path_factory.mktemp("fp32_exports")
     dirs = {}
     for impl in ("ort", "portable"):

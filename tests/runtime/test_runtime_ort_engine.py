@@ -13,7 +13,7 @@ ort = pytest.importorskip("onnxruntime")
 from rt_helpers import EOS, HIDDEN, PATCHES, build_tiny_export, expected_logits, expected_visual  # noqa: E402
 from runtime.cli_output import run_to_stdout  # noqa: E402
 from runtime.errors import UserError  # noqa: E402
-from runtime.ort_engine import DeviceDecoder, OrtEngine  # noqa: E402
+from runtime.ort_engine import OrtDeviceDecoder, OrtEngine  # noqa: E402
 from runtime.pipeline import load_pipeline  # noqa: E402
 
 
@@ -77,7 +77,7 @@ def test_device_resident_kv_path_matches(fp32_export):
     """The CUDA path's IOBinding/OrtValue plumbing, run with CPU OrtValues (no GPU here)."""
     out, weights = fp32_export
     with OrtEngine(out) as engine:
-        engine._decoder = DeviceDecoder(ort, engine.sessions["decoder"], engine.manifest, 64, device="cpu")
+        engine._decoder = OrtDeviceDecoder(ort, engine.sessions["decoder"], engine.manifest, 64, device="cpu")
         run_sequence(engine, weights, [5, 17, 99], [3, 250, 7], rtol=1e-5)
         run_sequence(engine, weights, [4], [9], rtol=1e-5)
 
@@ -87,7 +87,7 @@ def test_context_full_is_a_user_error(fp32_export, device_path):
     out, _ = fp32_export
     with OrtEngine(out, max_len=4) as engine:
         if device_path:
-            engine._decoder = DeviceDecoder(ort, engine.sessions["decoder"], engine.manifest, 4, device="cpu")
+            engine._decoder = OrtDeviceDecoder(ort, engine.sessions["decoder"], engine.manifest, 4, device="cpu")
         engine.prefill(engine.embed_tokens(np.arange(3, dtype=np.int64)))
         engine.decode(1)
         with pytest.raises(UserError, match="context full"):
