@@ -6,8 +6,6 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("onnxruntime")
-pytest.importorskip("onnx")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "runtime"))
 
 from benchmarks.measure import METRICS, WorkerSpec, measure_interleaved, peak_rss_mb  # noqa: E402

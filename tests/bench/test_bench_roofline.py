@@ -3,10 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-pytest.importorskip("torch")
-
-from benchmarks.roofline import achieved, copy_bandwidth_gbs, decode_weight_bytes  # noqa: E402
-from tiny import VOCAB, tiny_config  # noqa: E402
+from benchmarks.roofline import achieved, copy_bandwidth_gbs, decode_weight_bytes
+from tiny import VOCAB, tiny_config
 
 
 def hand_count(h: int, i: int, v: int, layers: int, moe_layers: int, e: int, k: int) -> dict:

@@ -118,8 +118,9 @@ def test_zero_tokens(driver, tmp_path):
 @pytest.mark.parametrize("activation,k,bias", [("swiglu", 2, False), ("gelu_tanh", 2, True), ("gelu_erf", 1, True)])
 def test_matches_project_moe_layer(driver, tmp_path, activation, k, bias):
     """Same numbers as moe_llava.moe.MoELayer (eval, dropless) with the exporter's attributes (normalise iff k > 1)."""
-    torch = pytest.importorskip("torch")
-    moe = pytest.importorskip("moe_llava.moe")
+    import torch
+
+    from moe_llava import moe
     torch.manual_seed(0)
     layer = moe.MoELayer(hidden_size=48, ffn_size=40, num_experts=4, top_k=k, activation=activation, bias=bias).eval()
     with torch.no_grad():

@@ -11,7 +11,7 @@ import pytest
 
 from plugin_reference import PLUGIN_DIR
 
-torch = pytest.importorskip("torch")
+import torch
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="no CUDA GPU (torch.cuda.is_available() is False)")
 

@@ -7,13 +7,13 @@ import random
 import unicodedata
 
 import pytest
+import tiktoken
 
 from moe_llava.loading import load_tokenizer
-from moe_llava.qwen import PATTERN, SPECIAL_TOKENS, tokenizer_from_tiktoken
+from moe_llava.qwen import tokenizer_from_tiktoken
 from runtime.errors import UserError
 from tiny import train_tiktoken_ranks, write_tiktoken
 
-tiktoken = pytest.importorskip("tiktoken")  # the reference only (the `dev` extra); conversion does not need it
 
 CORPUS = [
     "A chat between a curious user and an artificial intelligence assistant. USER: What is in the image? ASSISTANT:",
@@ -44,6 +44,13 @@ TEXTS = [
 ]
 
 
+# The reference's own settings, transcribed from Qwen-1's tokenization_qwen.py (PAT_STR, ENDOFTEXT, IMSTART,
+# IMEND, EXTRAS), not imported from moe_llava.qwen: a drift in the project's copy must fail these tests.
+QWEN_PAT_STR = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
+                r"""\s*[\r\n]+|\s+(?!\S)|\s+""")
+QWEN_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>") + tuple(f"<|extra_{i}|>" for i in range(205))
+
+
 @pytest.fixture(scope="module")
 def rank_file(tmp_path_factory):
     ranks = train_tiktoken_ranks(CORPUS * 3, merges=320)
@@ -55,8 +62,8 @@ def rank_file(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(rank_file):
     _, ranks = rank_file
-    specials = {token: len(ranks) + i for i, token in enumerate(SPECIAL_TOKENS)}
-    enc = tiktoken.Encoding("qwen-test", pat_str=PATTERN, mergeable_ranks=ranks, special_tokens=specials)
+    specials = {token: len(ranks) + i for i, token in enumerate(QWEN_SPECIALS)}
+    enc = tiktoken.Encoding("qwen-test", pat_str=QWEN_PAT_STR, mergeable_ranks=ranks, special_tokens=specials)
     return enc
 
 
@@ -74,7 +81,7 @@ def random_texts(count: int, seed: int = 0) -> list[str]:
     for i in range(count):
         chunk = "".join(rng.choice(p) * rng.randint(1, 4) for p in pieces[i * 12:(i + 1) * 12])
         if rng.random() < 0.2:
-            chunk += rng.choice(SPECIAL_TOKENS[:5])
+            chunk += rng.choice(QWEN_SPECIALS[:5])
         out.append(chunk)
     return out
 
@@ -105,7 +112,7 @@ def test_decode_equals_tiktoken(rank_file, reference):
 def test_special_tokens_follow_the_ranks(rank_file):
     path, ranks = rank_file
     tokenizer = tokenizer_from_tiktoken(path)
-    assert [tokenizer.token_to_id(t) for t in SPECIAL_TOKENS] == list(range(len(ranks), len(ranks) + 208))
+    assert [tokenizer.token_to_id(t) for t in QWEN_SPECIALS] == list(range(len(ranks), len(ranks) + 208))
     assert tokenizer.get_vocab_size() == len(ranks) + 208
     assert tokenizer.decode([len(ranks), 65], skip_special_tokens=True) == "A"
 

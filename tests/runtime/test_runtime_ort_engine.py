@@ -7,14 +7,13 @@ import sys
 import numpy as np
 import pytest
 
-pytest.importorskip("onnx")
-ort = pytest.importorskip("onnxruntime")
+import onnxruntime as ort
 
-from rt_helpers import EOS, HIDDEN, PATCHES, build_tiny_export, expected_logits, expected_visual  # noqa: E402
-from runtime.cli_output import run_to_stdout  # noqa: E402
-from runtime.errors import UserError  # noqa: E402
-from runtime.ort_engine import OrtDeviceDecoder, OrtEngine  # noqa: E402
-from runtime.pipeline import load_pipeline  # noqa: E402
+from rt_helpers import EOS, HIDDEN, PATCHES, build_tiny_export, expected_logits, expected_visual
+from runtime.cli_output import run_to_stdout
+from runtime.errors import UserError
+from runtime.ort_engine import OrtDeviceDecoder, OrtEngine
+from runtime.pipeline import load_pipeline
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,6 @@ from PIL import Image
 from runtime.errors import UserError
 from runtime.preprocess import CLIP_336, SIGLIP_384, ImageSpec, load_image, preprocess
 
-transformers = pytest.importorskip("transformers")
 
 TOLERANCE = 1e-6
 

@@ -15,9 +15,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("onnx")
-pytest.importorskip("onnxruntime")
-
 from export.tensorrt_build import export_tensorrt, network_flags  # noqa: E402
 from rt_helpers import EOS, HIDDEN, PATCHES, build_tiny_export, expected_logits, expected_visual  # noqa: E402
 from runtime.errors import UserError  # noqa: E402

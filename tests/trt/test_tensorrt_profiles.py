@@ -7,8 +7,6 @@ import json
 import numpy as np
 import pytest
 
-pytest.importorskip("onnx")
-
 from export.tensorrt_profiles import (BuildLimits, Profile, ShapeRange, check_profiles,  # noqa: E402
                                       image_feature_dims, plan_profiles, profiles_to_dict)
 from rt_helpers import HEAD_DIM, HIDDEN, KVH, PATCHES, VISION_DIM, build_tiny_export  # noqa: E402

@@ -11,7 +11,6 @@ import pytest
 trt = pytest.importorskip("tensorrt", reason="TensorRT's Python bindings are not installed (JetPack provides them)")
 if getattr(trt, "__version__", None) is None:  # a directory named tensorrt on sys.path, not the bindings
     pytest.skip("TensorRT's Python bindings are not installed (JetPack provides them)", allow_module_level=True)
-pytest.importorskip("onnx")
 
 from export.tensorrt_build import export_tensorrt, plugin_candidates  # noqa: E402
 from rt_helpers import PATCHES, build_tiny_export, expected_logits, expected_visual  # noqa: E402
@@ -47,7 +46,6 @@ def test_tiny_contract_export_builds_and_runs(tmp_path, dtype, tol):
 def test_plugin_lowering_matches_pytorch_greedy(tmp_path):
     """A tiny MoE checkpoint exported with --moe-impl plugin, built with the plugin library, decodes the same
     greedy tokens as the PyTorch model."""
-    pytest.importorskip("torch")
     plugin = next((p for p in plugin_candidates() if p.is_file()), None)
     if plugin is None:
         pytest.skip("libmoe_llava_plugin.so not built (runtime/plugins/build.sh)")
@@ -59,9 +57,10 @@ def test_plugin_lowering_matches_pytorch_greedy(tmp_path):
     write_tiny_checkpoint(checkpoint)
     out = export_tensorrt(model=checkpoint, out=tmp_path / "trt", moe_impl="plugin", precision="fp32",
                           plugin=plugin, max_seq=256)
-    image = Path(__file__).resolve().parents[1] / "assets" / "demo.png"
-    image = str(image) if image.is_file() else None
+    image = Path(__file__).resolve().parents[1] / "assets" / "shapes_96x60.png"  # the vision + projector engines
+    assert image.is_file(), f"test asset {image} is missing"
+    image = str(image)
     with torch_pipeline(str(checkpoint)) as reference, load_pipeline(out, backend="tensorrt") as engine:
         want = reference.generate(image, "What is in the image?", max_new_tokens=8)
         got = engine.generate(image, "What is in the image?", max_new_tokens=8)
-    assert got.token_ids == want.token_ids
+    assert len(want.token_ids) >= 2 and got.token_ids == want.token_ids  # at least one decode step compared

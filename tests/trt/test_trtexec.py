@@ -6,8 +6,6 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("onnx")
-
 from export.tensorrt_profiles import BuildLimits, plan_profiles  # noqa: E402
 from export.tensorrt_trtexec import format_command, shape_spec, trtexec_command  # noqa: E402
 from rt_helpers import build_tiny_export  # noqa: E402
