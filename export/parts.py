@@ -57,7 +57,7 @@ class DecoderPart(nn.Module):
         for i in range(self.num_layers):
             cache.update(past[2 * i], past[2 * i + 1], i)
         out = self.lm.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                            position_ids=position_ids, past_key_values=cache, use_cache=True)
+                            position_ids=position_ids, cache=cache, use_cache=True)
         logits = self.lm.lm_head(out.last_hidden_state[:, -1]).float()              # [B,V]
         present = [t for layer in cache.layers[: self.num_layers] for t in (layer.keys, layer.values)]
         return (logits, *present)

@@ -59,8 +59,8 @@ class MoELlavaForCausalLM(nn.Module):
                       past_key_values=None, use_cache: bool = False):
         """The decoder on embeddings: -> (logits [B,S,V], cache)."""
         out = self.language_model.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                                        past_key_values=past_key_values, use_cache=use_cache)
-        return self.language_model.lm_head(out.last_hidden_state), out.past_key_values
+                                        cache=past_key_values, use_cache=use_cache)
+        return self.language_model.lm_head(out.last_hidden_state), out.cache
 
     # ---- multimodal splice -------------------------------------------------------------------
     def splice(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None,

@@ -104,7 +104,7 @@ def _context_guard(limit: int):
             return
         tokens = kwargs.get("inputs_embeds")
         tokens = tokens if tokens is not None else kwargs.get("input_ids", args[0] if args else None)
-        cache = kwargs.get("past_key_values")
+        cache = kwargs.get("cache")
         total = (cache.get_seq_length() if cache is not None else 0) + tokens.shape[1]
         if total > limit:
             raise UserError(f"{total} positions exceed Qwen-1's seq_length {limit} (past it Qwen-1 switches to "

@@ -109,7 +109,7 @@ def greedy_generate(model: MoELlavaForCausalLM, prompts: list[list[int]], pixel_
 def _forward(model, embeds, mask, positions, cache) -> torch.Tensor:
     """Next-token logits [B,V] after feeding `embeds` [B,s,H] (the cache grows by s)."""
     out = model.language_model.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
-                                     past_key_values=cache, use_cache=True)
+                                     cache=cache, use_cache=True)
     return model.language_model.lm_head(out.last_hidden_state[:, -1]).float()
 
 

@@ -29,13 +29,31 @@ def quantized(fp32_exports, calib_set, tiny_loaded, small_set, tmp_path_factory)
     return out
 
 
+MIN_TINY_COSINE = {"int8": 0.995, "int4": 0.95}
+
+
+def greedy_from_samples(samples: list[dict]) -> float:
+    """Tokens equal up to the first divergence over the longer answer, recounted from the recorded answers."""
+    matched = total = 0
+    for s in samples:
+        want, got = s["pytorch"], s["runtime"]
+        n = 0
+        while n < min(len(want), len(got)) and want[n] == got[n]:
+            n += 1
+        matched, total = matched + n, total + max(len(want), len(got), 1)
+    return matched / total
+
+
 @pytest.mark.parametrize("key", [("ort", "int8"), ("ort", "int4"), ("portable", "int8")])
 def test_validation_json_has_the_quantised_figures(quantized, key):
     report = json.loads((quantized[key] / "validation.json").read_text())
     assert report["passed"] and report["precision"] == key[1] and report["reference"] == "pytorch fp32"
-    print("FIGURES", key, report["logit_cosine"], report["greedy_agreement"], report["router_agreement"], [len(s["pytorch"]) for s in report["samples"]])
-    assert 0.9 <= report["logit_cosine"]["mean"] <= 1.0 and report["logit_cosine"]["positions"] > 2
-    assert 0.0 <= report["greedy_agreement"] <= 1.0 and report["router_agreement"] >= 0.85
+    # the random tiny model measured 0.997 (int8, both lowerings) and 0.962 (int4) over 128 positions; the
+    # trained demo model gives 0.99998 / 0.99995 (README). A broken scale or zero point drops far below.
+    assert report["logit_cosine"]["mean"] >= MIN_TINY_COSINE[key[1]] and report["logit_cosine"]["positions"] > 2
+    assert report["greedy_agreement"] == pytest.approx(greedy_from_samples(report["samples"]))
+    assert all(len(s["pytorch"]) >= 2 for s in report["samples"])  # decode steps are compared, not just one token
+    assert report["router_agreement"] >= 0.85
     pope = report["pope"]
     assert pope["n"] == 6 and {"f1", "f1_reference", "f1_drop_points", "gated"} <= set(pope)
     assert pope["gated"] is False   # a random tiny model cannot do POPE: reported, not gated
