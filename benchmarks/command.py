@@ -45,7 +45,7 @@ class BenchOptions:
     moe_impl: str = "ort"  # lowering of the temp export (no --engine-dir)
 
 
-def bench_parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moe-bench", description="Latency and memory of the runtime against PyTorch "
                                 "eager on the same model and inputs: vision, projector, time to first token, decode "
                                 "tokens/s (and % of the memory-bandwidth roofline), peak RSS. Each backend runs in "
@@ -103,7 +103,7 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
-def bench_command(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace) -> int:
     _check(args)
     report = {}
     if args.model or args.engine_dir:

@@ -36,7 +36,7 @@ def main(argv=None) -> int:
         from benchmarks.synthetic import write_synthetic_checkpoint
         print(write_synthetic_checkpoint(args.write_checkpoint, args.preset, experts[0]))
         return 0
-    from benchmarks.command import bench_command, bench_parser
+    from benchmarks.command import build_parser, main as bench
     from runtime.errors import run_command
     forwarded = ["--scale-experts", args.experts, "--scale-preset", args.preset, "--runs", str(args.runs),
                  "--warmup", str(args.warmup), "--max-new-tokens", str(args.max_new_tokens),
@@ -45,7 +45,7 @@ def main(argv=None) -> int:
                         ("--scale-dir", args.scale_dir)):
         if value is not None:
             forwarded += [flag, str(value)]
-    return run_command(bench_command, bench_parser(), forwarded)
+    return run_command(bench, build_parser(), forwarded)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ ModelOpt Q/DQ for TensorRT, accuracy reports.
   ort_quant.py    int8 static Q/DQ and int4 weight-only for one part
   quantize.py     export_quantized (moe-export --precision int8|int4|fp8, onnx target)
   modelopt_qdq.py ModelOpt int8 / fp8 / int4_awq Q/DQ (TensorRT target)
+  tensorrt_quantised.py  moe-export --target tensorrt: export.tensorrt_build with the Q/DQ graphs above
   validation.py   validation.json figures of a quantised export; pope.py  POPE F1 of a Pipeline
   report.py       precision_table: size, agreement, POPE F1, decode speed per export
 Heavy imports (torch, onnxruntime.quantization, modelopt) happen inside the functions that need them.

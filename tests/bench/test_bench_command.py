@@ -84,12 +84,12 @@ def test_bad_arguments_are_one_line_errors(inputs, argv, message, capsys):
 
 def test_unknown_backend_is_rejected_by_the_parser():
     with pytest.raises(SystemExit):
-        command.bench_parser().parse_args(["--model", "x", "--backends", "pytorch,tensorrtx"])
+        command.build_parser().parse_args(["--model", "x", "--backends", "pytorch,tensorrtx"])
 
 
 def test_precisions_table_reads_export_dirs(inputs, tmp_path, capsys):
     with pytest.raises(SystemExit):  # not an export directory: the parser says so
-        command.bench_parser().parse_args(["--precisions", str(tmp_path)])
+        command.build_parser().parse_args(["--precisions", str(tmp_path)])
     out = tmp_path / "precisions.json"
     assert bench_main(["--precisions", str(inputs / "engine"), "--threads", "1", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["precisions"]

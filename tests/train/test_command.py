@@ -3,12 +3,12 @@ import json
 import pytest
 
 from cli import eval_main, train_main
-from moe_llava.train.command import eval_parser, train_parser
+from moe_llava.train import command, eval_command
 from tests.cli_helpers import run_cli
 from tests.tiny import write_tiny_checkpoint
 
 
-@pytest.mark.parametrize("parser", [train_parser, eval_parser])
+@pytest.mark.parametrize("parser", [command.build_parser, eval_command.build_parser])
 def test_help(parser, capsys):
     with pytest.raises(SystemExit) as e:
         parser().parse_args(["--help"])
