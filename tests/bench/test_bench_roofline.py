@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.roofline import achieved, copy_bandwidth_gbs, decode_weight_bytes
-from tiny import VOCAB, tiny_config
+from benchmarks.roofline import achieved, copy_bandwidth_gbs, decode_weight_bytes  # noqa: E402
+from tiny import VOCAB, tiny_config  # noqa: E402
 
 
 def hand_count(h: int, i: int, v: int, layers: int, moe_layers: int, e: int, k: int) -> dict:

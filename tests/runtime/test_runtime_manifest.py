@@ -4,11 +4,11 @@ import json
 
 import pytest
 
-from rt_helpers import build_tiny_export
-from runtime.errors import UserError
-from runtime.manifest import Manifest
-from runtime.preprocess import ImageSpec
-from runtime.prompt import Template
+from rt_helpers import build_tiny_export  # noqa: E402
+from runtime.errors import UserError  # noqa: E402
+from runtime.manifest import Manifest  # noqa: E402
+from runtime.preprocess import ImageSpec  # noqa: E402
+from runtime.prompt import Template  # noqa: E402
 
 
 @pytest.fixture(scope="module")

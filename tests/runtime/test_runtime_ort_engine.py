@@ -9,11 +9,11 @@ import pytest
 
 import onnxruntime as ort
 
-from rt_helpers import EOS, HIDDEN, PATCHES, build_tiny_export, expected_logits, expected_visual
-from runtime.cli_output import run_to_stdout
-from runtime.errors import UserError
-from runtime.ort_engine import OrtDeviceDecoder, OrtEngine
-from runtime.pipeline import load_pipeline
+from rt_helpers import EOS, HIDDEN, PATCHES, build_tiny_export, expected_logits, expected_visual  # noqa: E402
+from runtime.cli_output import run_to_stdout  # noqa: E402
+from runtime.errors import UserError  # noqa: E402
+from runtime.ort_engine import OrtDeviceDecoder, OrtEngine  # noqa: E402
+from runtime.pipeline import load_pipeline  # noqa: E402
 
 
 @pytest.fixture(scope="module")
