@@ -24,9 +24,10 @@ from typing import Any
 
 from runtime.errors import UserError
 from runtime.manifest import MANIFEST_FILE, PARTS, Manifest
-from runtime.trt_engine import import_tensorrt as runtime_import_tensorrt
-from runtime.trt_engine import (ENGINES_FORMAT, ENGINES_KEY, PLUGIN_ENV, PLUGIN_LIBRARY, EngineSet, detect_gpu,
-                                load_plugin, trt_logger)
+from runtime.tensorrt.cuda import detect_gpu
+from runtime.tensorrt.engine_set import ENGINES_FORMAT, ENGINES_KEY, EngineSet
+from runtime.tensorrt.libraries import PLUGIN_ENV, PLUGIN_LIBRARY, init_builtin_plugins, load_plugin, trt_logger
+from runtime.tensorrt.libraries import import_tensorrt as runtime_import_tensorrt
 
 from .output_dir import check_target, staged_output
 from .tensorrt_checks import (GpuTarget, check_moe_impl, check_precision, check_tensorrt_version, parse_version,
@@ -195,9 +196,7 @@ def network_flags(trt) -> int:
 def build_engines(trt, manifest: Manifest, plan: dict[str, tuple[Profile, ...]],
                   settings: BuildSettings) -> dict[str, Any]:
     """All four engines into manifest.root; returns the manifest's `engines` section."""
-    logger = trt_logger(trt)
-    if hasattr(trt, "init_libnvinfer_plugins"):
-        trt.init_libnvinfer_plugins(logger, "")
+    init_builtin_plugins(trt)
     if settings.plugin is not None:
         load_plugin(trt, settings.plugin)  # before parsing: the parser maps MoELlavaMoE nodes to its creator
     cache = TimingCache(settings.timing_cache)

@@ -23,7 +23,8 @@ from rt_helpers import EOS, HIDDEN, PATCHES, build_tiny_export, expected_logits,
 from runtime.errors import UserError  # noqa: E402
 from runtime.manifest import Manifest  # noqa: E402
 from runtime.pipeline import load_pipeline  # noqa: E402
-from runtime.trt_engine import EngineSet, TrtEngine  # noqa: E402
+from runtime.tensorrt.engine import TrtEngine  # noqa: E402
+from runtime.tensorrt.engine_set import EngineSet  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
