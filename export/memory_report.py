@@ -108,3 +108,26 @@ def board_request(precision: str, board: Board, max_seq: int, max_batch: int, gr
     if group_size not in (64, 128):
         raise UserError(f"--group-size {group_size}: int4 groups are 64 or 128 inputs")
     return PlanRequest(weights, board, max_seq, max_batch, group_size)
+
+
+def build_config(model, source_config: dict | None) -> MoELlavaConfig | None:
+    """The config a TensorRT build is for: the ONNX export's manifest, or --model DIR's config.json (None for
+    the embedded demo model, which is tiny)."""
+    from pathlib import Path
+    if source_config is not None:
+        return MoELlavaConfig.from_dict(source_config)
+    if model and model != "demo" and (Path(model) / "config.json").is_file():
+        return MoELlavaConfig.from_json(Path(model) / "config.json")
+    return None
+
+
+def check_build_memory(cfg: MoELlavaConfig | None, board: Board | None, precision: str, max_seq: int,
+                       max_batch: int, group_size: int, plugin: bool, workspace_mb: int | None) -> None:
+    """Before a TensorRT build: the model fits --gpu BOARD, and the plugin's workspace fits --workspace-mb."""
+    if cfg is None:
+        return
+    request = board_request(precision, board or Board("any", 0, None, False), max_seq, max_batch, group_size)
+    if board is not None:
+        check_fits(cfg, request)
+    if plugin and workspace_mb:
+        check_plugin_workspace(cfg, request.precision, max_seq * max_batch, workspace_mb)

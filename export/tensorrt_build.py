@@ -29,6 +29,7 @@ from runtime.tensorrt.engine_set import ENGINES_FORMAT, ENGINES_KEY, EngineSet
 from runtime.tensorrt.libraries import PLUGIN_ENV, PLUGIN_LIBRARY, init_builtin_plugins, load_plugin, trt_logger
 from runtime.tensorrt.libraries import import_tensorrt as runtime_import_tensorrt
 
+from .boards import gpu_family, parse_board
 from .output_dir import check_target, staged_output
 from .tensorrt_checks import (GpuTarget, check_moe_impl, check_precision, check_tensorrt_version, parse_version,
                               resolve_gpu)
@@ -58,7 +59,7 @@ def export_tensorrt(model: str | Path | None = None, from_onnx: str | Path | Non
                     plugin: str | Path | None = None, gpu: str = "auto", max_batch: int = 1, max_seq: int = 2048,
                     workspace_mb: int | None = None, timing_cache: str | Path | None = None,
                     vision_tower: str | None = None, calib_data: str | None = None,
-                    calib_min_tokens: int = 32) -> Path:
+                    calib_min_tokens: int = 32, group_size: int = 128) -> Path:
     """Build TensorRT engines from `model` (a checkpoint dir or 'demo') or `from_onnx` into `out`."""
     trt = import_tensorrt()
     check_tensorrt_version(trt.__version__)
@@ -67,9 +68,10 @@ def export_tensorrt(model: str | Path | None = None, from_onnx: str | Path | Non
     source = Manifest.load(from_onnx) if from_onnx else None
     impl = _resolve_impl(moe_impl, source)
     check_moe_impl(impl)
-    target = resolve_gpu(gpu, *(detect_gpu() or (None, "")))
+    target = resolve_gpu(gpu_family(gpu), *(detect_gpu() or (None, "")))
     graph_precision = source.precision if source else (precision or "fp32")
     check_precision(graph_precision, target)
+    _check_memory(model, source, gpu, graph_precision, max_seq, max_batch, group_size, impl, workspace_mb)
     _note_precision(precision, graph_precision, source)
     settings = BuildSettings(limits, target, find_plugin(plugin) if impl == "plugin" else None, workspace_mb,
                              Path(timing_cache) if timing_cache else None)
@@ -106,6 +108,19 @@ def _check_request(model, from_onnx, out, moe_impl: str | None, workspace_mb: in
     out = Path(out)
     check_target(out)
     return out
+
+
+def _check_memory(model, source: Manifest | None, gpu: str, precision: str, max_seq: int, max_batch: int,
+                  group_size: int, impl: str, workspace_mb: int | None) -> None:
+    """The memory plan's checks (the model fits a --gpu board; the plugin's workspace fits --workspace-mb),
+    imported only when asked for: they read the model config through moe_llava.config."""
+    board = parse_board(gpu)
+    if board is None and not (impl == "plugin" and workspace_mb):
+        return
+    from .memory_report import build_config, check_build_memory
+    seq = min(max_seq, source.decoder.max_positions) if source else max_seq
+    check_build_memory(build_config(model, source.config if source else None), board, precision, seq, max_batch,
+                       group_size, impl == "plugin", workspace_mb)
 
 
 def _fit_limits(limits: BuildLimits, manifest: Manifest) -> BuildLimits:
