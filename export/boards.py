@@ -53,12 +53,11 @@ JETSONS = tuple(n for n, b in BOARDS.items() if b.shared)
 def parse_board(value: str | None) -> Board | None:
     """--gpu: a board name, a memory size ("24GB", "24GiB": a discrete GPU of that size), or a GPU family /
     auto (None: no board, nothing to plan against)."""
-    text = (value or "auto").strip().lower()
+    text = ALIASES.get((value or "auto").strip().lower(), (value or "auto").strip().lower())
+    if text in BOARDS:  # before the families: "thor" is both, and the board implies the family
+        return BOARDS[text]
     if text == "auto" or text in FAMILIES:
         return None
-    text = ALIASES.get(text, text)
-    if text in BOARDS:
-        return BOARDS[text]
     size = re.fullmatch(r"(\d+(?:\.\d+)?)\s*gi?b", text)
     if size:
         return Board(f"{size.group(1)} GiB GPU", float(size.group(1)), None, False)
