@@ -24,7 +24,7 @@ from pathlib import Path
 from moe_llava.config import MoELlavaConfig
 from moe_llava.tower_specs import KNOWN_TOWERS
 from runtime.errors import UserError
-from runtime.tensorrt.memory import kv_cache_bytes, moe_workspace_bytes
+from runtime.tensorrt.memory import KV_KINDS, KVMode, kv_cache_bytes, kv_mode_for, moe_workspace_bytes
 
 from .boards import GIB, Board
 
@@ -164,10 +164,11 @@ def plan_memory(cfg: MoELlavaConfig, request: PlanRequest) -> dict:
              "decoder dense": shape.dense_part(), "MoE experts": shape.experts_part(), "lm_head": embed}
     weights = {name: part.nbytes(p, g) for name, part in parts.items()}
     a, tokens = p.activation_itemsize, request.max_batch * request.max_seq
-    kv = kv_cache_bytes(shape.layers, shape.kv_heads, shape.head_dim, request.max_seq, a)
+    mode = kv_mode_for(shape.kv_heads, shape.head_dim, a)  # what the TensorRT build will choose
+    kv = kv_cache_bytes(shape.layers, shape.kv_heads, shape.head_dim, request.max_seq, a, mode)
     workspace = moe_workspace_bytes(tokens, max(shape.experts, default=0), shape.top_k, shape.hidden, shape.ffn, a) \
         if shape.moe_layers else 0
-    activations = max(decoder_activation_bytes(shape, request.max_batch, request.max_seq, a),
+    activations = max(decoder_activation_bytes(shape, request.max_batch, request.max_seq, a, mode),
                       vision_activation_bytes(tower, request.max_batch, a))
     buffers = runtime_buffer_bytes(shape, tower, request, a)
     total = sum(weights.values()) + kv + workspace + activations + buffers
@@ -175,20 +176,23 @@ def plan_memory(cfg: MoELlavaConfig, request: PlanRequest) -> dict:
             "max_seq": request.max_seq, "max_batch": request.max_batch, "board": request.board.name,
             "board_memory": int(request.board.memory_gib * GIB), "reserve": int(request.board.reserve_gib * GIB),
             "weights": weights, "params": {name: part.params for name, part in parts.items()},
-            "kv_cache": kv, "moe_workspace": workspace, "activations": activations, "runtime_buffers": buffers,
+            "kv_cache": kv, "kv_mode": mode.value, "kv_copies": mode.copies, "moe_workspace": workspace, "activations": activations, "runtime_buffers": buffers,
             "total": total, "usable": request.board.usable_bytes, "fits": total <= request.board.usable_bytes}
 
 
-def decoder_activation_bytes(shape: ModelShape, batch: int, seq: int, itemsize: int) -> int:
+def decoder_activation_bytes(shape: ModelShape, batch: int, seq: int, itemsize: int, mode: KVMode) -> int:
     """TensorRT's activations for the prefill profile's max shapes (B x S tokens), an upper bound: TensorRT
     reuses activation memory layer to layer, so one layer's live tensors count - the residual stream and three
     [T,H] temporaries, q/k/v, the attention scores [B,heads,S,S] as if attention were not fused (a fused MHA
-    kernel needs none of it) and the dense MLP's [T,fc1 rows] - plus the fp32 logits of the last position."""
+    kernel needs none of it) and the dense MLP's [T,fc1 rows] - plus the fp32 logits of the last position. The
+    KV-append graph adds one layer's head-major past and concatenated key/value at max_seq (they are inside the
+    engine there, not in the cache)."""
     t = batch * seq
     kv = shape.kv_heads * shape.head_dim
     per_layer = t * (4 * shape.hidden + shape.heads * shape.head_dim + 2 * kv + shape.fc1_rows)
     scores = batch * shape.heads * seq * seq
-    return (per_layer + scores) * itemsize + batch * shape.vocab * 4
+    append = 2 * KV_KINDS * batch * seq * kv if mode is KVMode.APPEND else 0
+    return (per_layer + scores + append) * itemsize + batch * shape.vocab * 4
 
 
 def vision_activation_bytes(tower: dict, images: int, itemsize: int) -> int:

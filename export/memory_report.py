@@ -7,7 +7,7 @@ from dataclasses import replace
 
 from moe_llava.config import MoELlavaConfig
 from runtime.errors import UserError
-from runtime.tensorrt.memory import KV_COPIES, moe_workspace_bytes
+from runtime.tensorrt.memory import moe_workspace_bytes
 
 from .boards import GIB, Board
 from .memory_plan import ModelShape, PlanRequest, WeightPrecision, plan_memory
@@ -28,7 +28,8 @@ def render_text(plan: dict) -> str:
     for part, nbytes in plan["weights"].items():
         lines.append(f"  {part + ' weights':34} {gib(nbytes):>10}   {plan['params'][part] / 1e6:8.1f} M params")
     for label, key in ROWS:
-        note = f"   {KV_COPIES} copies of [layers, 2, kv_heads*max_seq*head_dim]" if key == "kv_cache" else ""
+        note = f"   {plan['kv_mode']}: {plan['kv_copies']} x [layers, 2, max_seq*kv_heads*head_dim]" \
+            if key == "kv_cache" else ""
         lines.append(f"  {label:34} {gib(plan[key]):>10}{note}")
     lines.append(f"  {'total':34} {gib(plan['total']):>10}")
     reserve = f"{gib(plan['board_memory'])} less a {gib(plan['reserve'])} OS/CUDA reserve"

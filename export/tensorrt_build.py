@@ -28,9 +28,11 @@ from runtime.tensorrt.cuda import detect_gpu
 from runtime.tensorrt.engine_set import ENGINES_FORMAT, ENGINES_KEY, EngineSet
 from runtime.tensorrt.libraries import PLUGIN_ENV, PLUGIN_LIBRARY, init_builtin_plugins, load_plugin, trt_logger
 from runtime.tensorrt.libraries import import_tensorrt as runtime_import_tensorrt
+from runtime.tensorrt.memory import KVMode
 
 from .boards import gpu_family, parse_board
 from .output_dir import check_target, staged_output
+from .tensorrt_kv_append import APPENDED_FILE, write_append_graph
 from .tensorrt_checks import (GpuTarget, check_moe_impl, check_precision, check_tensorrt_version, parse_version,
                               resolve_gpu)
 from .tensorrt_profiles import BuildLimits, Profile, plan_profiles
@@ -47,6 +49,7 @@ class BuildSettings:
     plugin: Path | None = None  # libmoe_llava_plugin.so, for graphs with MoELlavaMoE nodes
     workspace_mb: int | None = None
     timing_cache: Path | None = None
+    kv_mode: KVMode = KVMode.CONCAT  # APPEND: the decoder engine is built from tensorrt_kv_append's graph
 
 
 def import_tensorrt():
@@ -89,8 +92,8 @@ def export_tensorrt(model: str | Path | None = None, from_onnx: str | Path | Non
 def build_into(trt, stage: Path, settings: BuildSettings) -> tuple[dict[str, tuple[Profile, ...]], BuildSettings]:
     """Engines for the ONNX export in `stage`, written next to it, and its manifest extended."""
     manifest = Manifest.load(stage)
-    settings = replace(settings, limits=_fit_limits(settings.limits, manifest))
-    plan = plan_profiles(manifest, settings.limits)
+    settings = replace(settings, limits=_fit_limits(settings.limits, manifest), kv_mode=_kv_append_graph(manifest))
+    plan = plan_profiles(manifest, settings.limits, settings.kv_mode)
     write_manifest(stage, build_engines(trt, manifest, plan, settings), trt.__version__)
     return plan, settings
 
@@ -121,6 +124,25 @@ def _check_memory(model, source: Manifest | None, gpu: str, precision: str, max_
     seq = min(max_seq, source.decoder.max_positions) if source else max_seq
     check_build_memory(build_config(model, source.config if source else None), board, precision, seq, max_batch,
                        group_size, impl == "plugin", workspace_mb)
+
+
+def _kv_append_graph(manifest: Manifest) -> KVMode:
+    """Write decoder.trt.onnx (one KV buffer on the device) next to the export, or say why not."""
+    itemsize = manifest.parts["decoder"].input("past_key_values.0.key").np_dtype.itemsize
+    target = manifest.root / APPENDED_FILE
+    target.unlink(missing_ok=True)  # never write through a hard link into the source export
+    problem = write_append_graph(manifest.path("decoder"), target, manifest.decoder, itemsize)
+    if problem:
+        _note(f"decoder KV cache kept in two device copies: {problem}")
+        return KVMode.CONCAT
+    return KVMode.APPEND
+
+
+def onnx_source(manifest: Manifest, part: str, kv_mode: KVMode) -> Path:
+    """The graph an engine is built from: the export's, or the KV-append rewrite of its decoder."""
+    if part == "decoder" and kv_mode is KVMode.APPEND:
+        return manifest.root / APPENDED_FILE
+    return manifest.path(part)
 
 
 def _fit_limits(limits: BuildLimits, manifest: Manifest) -> BuildLimits:
@@ -165,7 +187,7 @@ def link_export(source: Path, stage: Path) -> None:
     manifest.json is copied, never linked, because it is rewritten; old engines and plugin copies are left out."""
     stage.mkdir(parents=True, exist_ok=True)
     for f in sorted(Path(source).iterdir()):
-        if not f.is_file() or f.suffix == ".engine" or f.name == PLUGIN_LIBRARY:
+        if not f.is_file() or f.suffix == ".engine" or f.name in (PLUGIN_LIBRARY, APPENDED_FILE):
             continue
         if f.name == MANIFEST_FILE:
             shutil.copyfile(f, stage / f.name)
@@ -233,7 +255,7 @@ def build_engine(trt, manifest: Manifest, part: str, profiles: tuple[Profile, ..
                  cache: TimingCache):
     """Parse <part>.onnx and build its serialised engine (an IHostMemory)."""
     logger = trt_logger(trt)
-    onnx_path = manifest.path(part)
+    onnx_path = onnx_source(manifest, part, settings.kv_mode)
     builder = trt.Builder(logger)
     network = builder.create_network(network_flags(trt))
     parser = trt.OnnxParser(network, logger)
@@ -307,7 +329,7 @@ def engines_section(tensorrt_version: str, parts: dict[str, Any], settings: Buil
         "gpu": {"family": gpu.family, "name": gpu.name,
                 "compute_capability": f"{gpu.sm[0]}.{gpu.sm[1]}" if gpu.measured and gpu.sm else None},
         "max_batch": settings.limits.max_batch, "max_seq": settings.limits.max_seq,
-        "workspace_mb": settings.workspace_mb,
+        "workspace_mb": settings.workspace_mb, "kv_mode": settings.kv_mode.value,
     }
 
 
@@ -325,7 +347,8 @@ def print_trtexec(out: Path, manifest: Manifest, plan: dict[str, tuple[Profile, 
                   settings: BuildSettings) -> None:
     print("equivalent trtexec commands (to rebuild or tune an engine by hand):")
     for part in PARTS:
-        argv = trtexec_command(out / manifest.parts[part].file, out / f"{part}.engine", plan[part],
+        source = out / onnx_source(manifest, part, settings.kv_mode).name
+        argv = trtexec_command(source, out / f"{part}.engine", plan[part],
                                out / PLUGIN_LIBRARY if settings.plugin is not None else None,
                                settings.workspace_mb, settings.timing_cache)
         print(f"  {format_command(argv)}")

@@ -25,6 +25,7 @@ from runtime.manifest import Manifest
 from .cuda import Cuda
 from .encoders import TrtEmbedder
 from .kv_layout import DecoderBuffers, KVLayout, decoder_bindings, position_table
+from .memory import KVMode
 from .parts import TrtRunner
 
 
@@ -64,7 +65,7 @@ class TrtDeviceDecoder:
     """The decoder's two contexts over one device-resident KV cache."""
 
     def __init__(self, cuda: Cuda, prefill: TrtRunner, decode: TrtRunner, embedder: TrtEmbedder, manifest: Manifest,
-                 max_len: int | None, cuda_graph: bool):
+                 max_len: int | None, cuda_graph: bool, kv_mode: KVMode = KVMode.CONCAT):
         self.cuda, self.prefill_runner, self.decode_runner, self.embedder = cuda, prefill, decode, embedder
         part, spec = prefill.part, manifest.decoder
         engine_max = part.max_shape("attention_mask", prefill.profile)[1]  # M
@@ -75,7 +76,7 @@ class TrtDeviceDecoder:
             raise UserError(f"{part.path}: inputs_embeds is {self.dtypes['inputs_embeds']} but the embed engine "
                             f"writes {embedder.out_dtype}; re-export both parts in one precision")
         self.layout = KVLayout(spec.num_layers, spec.num_kv_heads, spec.head_dim, self.max_len,
-                               self.dtypes["past_key_values.0.key"].itemsize)
+                               self.dtypes["past_key_values.0.key"].itemsize, kv_mode)
         m = self.max_len
         self.buffers = DecoderBuffers(
             embeds=cuda.malloc(m * self.hidden * self.dtypes["inputs_embeds"].itemsize, "decoder inputs_embeds"),
@@ -86,7 +87,7 @@ class TrtDeviceDecoder:
             kv=cuda.malloc(self.layout.nbytes, f"the KV cache (M={m})"))
         self.logits = cuda.pinned((1, spec.vocab_size), self.dtypes["logits"])  # [1,V]
         self.graphs = DecodeGraphs(cuda, prefill.stream) if cuda_graph else None
-        self.length, self.side = 0, 0  # n cached positions; the KV half that holds them
+        self.length, self.side = 0, 0  # n cached positions; the KV copy that holds them
 
     def prefill(self, embeds: np.ndarray) -> np.ndarray:
         s = embeds.shape[0]
@@ -121,7 +122,7 @@ class TrtDeviceDecoder:
     def _finish(self, new: int) -> np.ndarray:
         self.cuda.sync(self.prefill_runner.stream)
         self.length += new
-        self.side = 1 - self.side  # the present half now holds the cache
+        self.side = self.layout.next_side(self.side)  # where the cache is now
         return self.logits[0].astype(np.float32)  # a copy: the pinned buffer is reused
 
     def close(self) -> None:

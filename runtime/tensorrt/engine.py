@@ -69,7 +69,7 @@ class TrtEngine:
         self._encoder = TrtImageEncoder(self.cuda, r["vision"], r["projector"])
         self._embedder = TrtEmbedder(self.cuda, r["embed"])
         self._decoder = TrtDeviceDecoder(self.cuda, r[PREFILL], r[DECODE], self._embedder, self.manifest, max_len,
-                                      cuda_graph)
+                                         cuda_graph, self.engines.kv_mode)
 
     def encode_images(self, pixel_values: np.ndarray) -> np.ndarray:
         return self._encoder(pixel_values)

@@ -12,6 +12,7 @@ from runtime.errors import UserError
 from runtime.manifest import MANIFEST_FILE, PARTS, Manifest
 
 from .libraries import PLUGIN_ENV
+from .memory import KVMode
 
 ENGINES_KEY = "engines"  # the manifest section moe-export --target tensorrt writes
 ENGINES_FORMAT = 1
@@ -35,6 +36,7 @@ class EngineSet:
     gpu_name: str = ""
     max_batch: int = 1
     max_seq: int = 0
+    kv_mode: KVMode = KVMode.CONCAT  # how the decoder engine's KV I/O sits in the device cache
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -57,7 +59,8 @@ class EngineSet:
             gpu = d.get("gpu") or {}
             engines = cls(Path(root), str(d["tensorrt_version"]), parts, d.get("plugin"),
                           gpu.get("compute_capability"), str(gpu.get("name") or ""), int(d.get("max_batch", 1)),
-                          int(d.get("max_seq", 0)), {k: v for k, v in d.items() if k not in _ENGINE_KEYS})
+                          int(d.get("max_seq", 0)), KVMode(d.get("kv_mode", KVMode.CONCAT.value)),
+                          {k: v for k, v in d.items() if k not in _ENGINE_KEYS})
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise UserError(f"{where}: malformed ({type(e).__name__}: {e})") from None
         missing = [p for p in PARTS if p not in parts]
@@ -99,7 +102,7 @@ class EngineSet:
                             "rebuild them on this device")
 
 
-_ENGINE_KEYS = ("format", "tensorrt_version", "parts", "plugin", "gpu", "max_batch", "max_seq")
+_ENGINE_KEYS = ("format", "tensorrt_version", "parts", "plugin", "gpu", "max_batch", "max_seq", "kv_mode")
 
 
 def _release(version: str) -> tuple[str, ...]:

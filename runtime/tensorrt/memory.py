@@ -6,11 +6,23 @@ H hidden, I expert FFN width.
 """
 from __future__ import annotations
 
+from enum import Enum
+
 ALIGNMENT = 256  # bytes: what TensorRT requires of every tensor address (setTensorAddress); cudaMalloc gives it
 KV_KINDS = 2  # key, value
-# The decoder graph returns present = concat(past, new) [1,KVH,n+S,D]: past (stride n) and present (stride n+S)
-# overlap with a shift if bound to one buffer, so present goes to a second copy and the two swap per step.
-KV_COPIES = 2
+
+
+class KVMode(str, Enum):
+    """How the decoder engine's KV tensors sit in the device cache (export/tensorrt_kv_append.py):
+    APPEND  one buffer: past [1,n,KVH,D] is its prefix, the engine writes the new positions after it;
+    CONCAT  the contract graph's present = concat(past, new) [1,KVH,n+S,D] overlaps past with a shift when bound
+            to one buffer, so it goes to a second copy and the two swap after each step."""
+    APPEND = "append"
+    CONCAT = "concat"
+
+    @property
+    def copies(self) -> int:
+        return 1 if self is KVMode.APPEND else 2
 
 
 def aligned(nbytes: int) -> int:
@@ -18,14 +30,25 @@ def aligned(nbytes: int) -> int:
 
 
 def kv_slot_bytes(num_kv_heads: int, head_dim: int, max_len: int, itemsize: int) -> int:
-    """One (layer, key|value) buffer of [KVH*M*D] elements, padded so every slot starts aligned."""
+    """One (layer, key|value) buffer of M*KVH*D elements, padded so every slot starts aligned."""
     return aligned(num_kv_heads * max_len * head_dim * itemsize)
 
 
+def kv_append_aligned(num_kv_heads: int, head_dim: int, itemsize: int) -> bool:
+    """APPEND binds the new positions at byte offset n*KVH*D*itemsize: aligned for every n only if one position
+    is a multiple of ALIGNMENT."""
+    return (num_kv_heads * head_dim * itemsize) % ALIGNMENT == 0
+
+
+def kv_mode_for(num_kv_heads: int, head_dim: int, itemsize: int) -> KVMode:
+    """The layout a TensorRT build gives the decoder (when its graph has the contract's Concat pattern)."""
+    return KVMode.APPEND if kv_append_aligned(num_kv_heads, head_dim, itemsize) else KVMode.CONCAT
+
+
 def kv_cache_bytes(num_layers: int, num_kv_heads: int, head_dim: int, max_len: int, itemsize: int,
-                   copies: int = KV_COPIES) -> int:
-    """The device KV cache: copies x [L, 2, KVH*M*D]."""
-    return copies * num_layers * KV_KINDS * kv_slot_bytes(num_kv_heads, head_dim, max_len, itemsize)
+                   mode: KVMode) -> int:
+    """The device KV cache: mode.copies x [L, 2, M*KVH*D]."""
+    return mode.copies * num_layers * KV_KINDS * kv_slot_bytes(num_kv_heads, head_dim, max_len, itemsize)
 
 
 def moe_workspace_bytes(tokens: int, experts: int, top_k: int, hidden: int, intermediate: int,

@@ -20,7 +20,7 @@ from runtime.tensorrt import engine_reader, libraries
 from runtime.tensorrt.cuda import Cuda
 from runtime.tensorrt.engine import TrtEngine
 from runtime.tensorrt.parts import numpy_dtype
-from test_tensorrt_fake_stack import TINY_CONFIG, tiny_onnx
+from test_tensorrt_fake_stack import TINY_CONFIG, run_sequence, tiny_onnx
 
 RELEASED = Path(__file__).resolve().parents[1] / "assets" / "released_configs"
 
@@ -34,6 +34,35 @@ def test_kv_cache_allocation_is_the_plans_figure(tmp_path, fake_stack):
     with TrtEngine(out) as engine:
         assert cudart.device[engine._decoder.buffers.kv].nbytes == plan["kv_cache"]  # counted by the stand-in
         assert engine._decoder.layout.nbytes == plan["kv_cache"]
+
+
+@pytest.fixture
+def aligned_geometry(monkeypatch):
+    """The tiny export with 4 kv heads of 16 (hidden 64): one fp32 position is 256 bytes, so the builder takes
+    the one-buffer KV-append graph."""
+    import rt_helpers
+    for name, value in (("KVH", 4), ("HEAD_DIM", 16), ("HIDDEN", 64)):
+        monkeypatch.setattr(rt_helpers, name, value)
+    return {**TINY_CONFIG, "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 4}
+
+
+def test_kv_cache_is_one_buffer_written_in_place(tmp_path, fake_stack, aligned_geometry, capsys):
+    _, cudart = fake_stack
+    src, weights = tiny_onnx(tmp_path)
+    before = (src / "decoder.onnx").read_bytes()
+    out = export_tensorrt(from_onnx=src, out=tmp_path / "trt", max_seq=16)
+    assert json.loads((out / "manifest.json").read_text())["engines"]["kv_mode"] == "append"
+    assert (src / "decoder.onnx").read_bytes() == before and not (src / "decoder.trt.onnx").exists()
+    assert "--onnx=" + str(out / "decoder.trt.onnx") in capsys.readouterr().out
+    plan = plan_memory(MoELlavaConfig.from_dict(aligned_geometry),
+                       PlanRequest(WeightPrecision.FP32, BOARDS["orin-nano-8gb"], max_seq=16))
+    assert plan["kv_mode"] == "append" and plan["kv_copies"] == 1
+    with TrtEngine(out, cuda_graph=True) as engine:
+        assert cudart.device[engine._decoder.buffers.kv].nbytes == plan["kv_cache"] == 2 * 2 * 16 * 64 * 4
+        run_sequence(engine, weights, [5, 17, 99], [3, 250, 7], 1e-5)
+        run_sequence(engine, weights, [5, 17, 98], [3, 250, 7], 1e-5)  # replays the captured decode steps
+        assert cudart.launches == 3
+        run_sequence(engine, weights, list(range(15)), [2], 1e-5)  # fills all 16 positions
 
 
 def test_a_failed_capture_releases_its_graph(fake_stack):
@@ -106,7 +135,7 @@ def test_a_build_that_cannot_fit_the_board_stops_before_it_starts(tmp_path, fake
     trt, _ = fake_stack
     src, _ = tiny_onnx(tmp_path, max_positions=4096)
     released_manifest(src, "MoE-LLaVA-StableLM-1.6B-4e", "fp16")
-    with pytest.raises(UserError, match=r"fp16 at --max-seq 2048 needs 7\.\d\d GiB but orin-nano-8gb has 6\.50 GiB "
+    with pytest.raises(UserError, match=r"fp16 at --max-seq 2048 needs 6\.\d\d GiB but orin-nano-8gb has 6\.50 GiB "
                                         r"usable .*over\); would fit: --precision int8 .* or --precision int4"):
         export_tensorrt(from_onnx=src, out=tmp_path / "a", gpu="orin-nano-8gb", max_seq=2048)
     with pytest.raises(UserError, match="MoE plugin needs 61 MiB of workspace for 2048 tokens .* --workspace-mb "
