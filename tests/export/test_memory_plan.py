@@ -60,11 +60,13 @@ def plan(name, precision, board, seq=2048):
 
 
 def test_issue_targets():
-    """StableLM-1.6B-4e fp16 does not fit an 8 GB board; int4 plans of StableLM and Phi2 do (the totals are
-    reported against the issue's 2.5 GB / 4 GB targets in docs/jetson.md)."""
+    """StableLM-1.6B-4e fp16 does not fit an 8 GB board; int4 plans of StableLM and Phi2 do, within 2.5 and 4
+    GiB (2.37 and 3.84 GiB: 2.54 and 4.12 decimal GB, see docs/jetson.md)."""
     assert not plan("MoE-LLaVA-StableLM-1.6B-4e", "fp16", "orin-nano-8gb")["fits"]
-    assert plan("MoE-LLaVA-StableLM-1.6B-4e", "int4", "orin-nano-8gb")["fits"]
-    assert plan("MoE-LLaVA-Phi2-2.7B-4e", "int4", "orin-nano-8gb")["fits"]
+    stablelm, phi2 = plan("MoE-LLaVA-StableLM-1.6B-4e", "int4", "orin-nano-8gb"), \
+        plan("MoE-LLaVA-Phi2-2.7B-4e", "int4", "orin-nano-8gb")
+    assert stablelm["fits"] and phi2["fits"] and stablelm["kv_copies"] == phi2["kv_copies"] == 1
+    assert stablelm["total"] <= 2.5 * GIB and phi2["total"] <= 4 * GIB  # the issue's targets, read as GiB
     fp16 = plan("MoE-LLaVA-StableLM-1.6B-4e", "fp16", "thor")
     assert sum(fp16["weights"].values()) == pytest.approx(2 * sum(fp16["params"].values()), rel=1e-3)
     int4 = plan("MoE-LLaVA-StableLM-1.6B-4e", "int4", "thor")
