@@ -8,9 +8,8 @@ import numpy as np
 
 from runtime.errors import UserError
 
+from .kv_layout import Dims
 from .libraries import import_cudart
-
-Dims = tuple[int, ...]
 
 
 class Cuda:

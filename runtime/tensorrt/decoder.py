@@ -30,7 +30,7 @@ from .parts import TrtRunner
 
 
 class DecodeGraphs:
-    """Captured decode steps keyed by (cached length, KV half); least recently used dropped past `limit`."""
+    """Captured decode steps keyed by (cached length, KV copy); least recently used dropped past `limit`."""
 
     def __init__(self, cuda: Cuda, stream, limit: int = 64):
         self.cuda, self.stream, self.limit = cuda, stream, limit

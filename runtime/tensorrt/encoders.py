@@ -8,9 +8,8 @@ from runtime.errors import UserError
 from runtime.kv_cache import check_room
 
 from .cuda import Cuda
+from .kv_layout import Dims
 from .parts import TrtRunner
-
-Dims = tuple[int, ...]
 
 
 def nbytes(shape: Dims, dtype: np.dtype) -> int:

@@ -8,10 +8,9 @@ import numpy as np
 from runtime.errors import UserError
 
 from .engine_reader import deserialize_engine
+from .kv_layout import Dims
 from .libraries import trt_logger
 from .memory import ALIGNMENT
-
-Dims = tuple[int, ...]
 
 
 class TrtPart:
