@@ -13,7 +13,7 @@ from torch import nn
 
 from runtime.errors import UserError
 
-from .tower_specs import KNOWN_TOWERS, TowerSpec  # noqa: F401 - re-exported
+from .tower_specs import CLIP_PROCESSOR, KNOWN_TOWERS, SIGLIP_PROCESSOR, TowerSpec  # noqa: F401 - re-exported
 
 
 def tower_kind(config: dict) -> str:
@@ -93,7 +93,7 @@ def _spec_from_dir(directory: Path) -> TowerSpec:
     if processor_file.is_file():
         processor = json.loads(processor_file.read_text())
     else:
-        processor = (_SIGLIP_PROCESSOR if kind == "siglip" else _CLIP_PROCESSOR)
+        processor = (SIGLIP_PROCESSOR if kind == "siglip" else CLIP_PROCESSOR)
     return TowerSpec(kind, _fields(config) | {"model_type": kind + "_vision_model"}, processor)
 
 
