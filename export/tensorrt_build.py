@@ -32,7 +32,7 @@ from runtime.tensorrt.memory import KVMode
 
 from .boards import gpu_family, parse_board
 from .output_dir import check_target, staged_output
-from .tensorrt_kv_append import APPENDED_FILE, write_append_graph
+from .tensorrt_kv_append import APPENDED_FILE, onnx_source, prepare_append_graph
 from .tensorrt_checks import (GpuTarget, check_moe_impl, check_precision, check_tensorrt_version, parse_version,
                               resolve_gpu)
 from .tensorrt_profiles import BuildLimits, Profile, plan_profiles
@@ -127,22 +127,10 @@ def _check_memory(model, source: Manifest | None, gpu: str, precision: str, max_
 
 
 def _kv_append_graph(manifest: Manifest) -> KVMode:
-    """Write decoder.trt.onnx (one KV buffer on the device) next to the export, or say why not."""
-    itemsize = manifest.parts["decoder"].input("past_key_values.0.key").np_dtype.itemsize
-    target = manifest.root / APPENDED_FILE
-    target.unlink(missing_ok=True)  # never write through a hard link into the source export
-    problem = write_append_graph(manifest.path("decoder"), target, manifest.decoder, itemsize)
+    problem = prepare_append_graph(manifest)
     if problem:
         _note(f"decoder KV cache kept in two device copies: {problem}")
-        return KVMode.CONCAT
-    return KVMode.APPEND
-
-
-def onnx_source(manifest: Manifest, part: str, kv_mode: KVMode) -> Path:
-    """The graph an engine is built from: the export's, or the KV-append rewrite of its decoder."""
-    if part == "decoder" and kv_mode is KVMode.APPEND:
-        return manifest.root / APPENDED_FILE
-    return manifest.path(part)
+    return KVMode.CONCAT if problem else KVMode.APPEND
 
 
 def _fit_limits(limits: BuildLimits, manifest: Manifest) -> BuildLimits:

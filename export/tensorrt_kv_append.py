@@ -21,11 +21,26 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from runtime.manifest import DecoderSpec
-from runtime.tensorrt.memory import ALIGNMENT, kv_append_aligned
+from runtime.manifest import DecoderSpec, Manifest
+from runtime.tensorrt.memory import ALIGNMENT, KVMode, kv_append_aligned
 
 APPENDED_FILE = "decoder.trt.onnx"
 TO_POSITION_MAJOR = [0, 2, 1, 3]  # [B,KVH,P,D] <-> [B,P,KVH,D]: its own inverse
+
+
+def prepare_append_graph(manifest: Manifest) -> str | None:
+    """Write decoder.trt.onnx next to the export's decoder.onnx and return None, or return why not."""
+    itemsize = manifest.parts["decoder"].input("past_key_values.0.key").np_dtype.itemsize
+    target = manifest.root / APPENDED_FILE
+    target.unlink(missing_ok=True)  # never write through a hard link into the source export
+    return write_append_graph(manifest.path("decoder"), target, manifest.decoder, itemsize)
+
+
+def onnx_source(manifest: Manifest, part: str, kv_mode: KVMode) -> Path:
+    """The graph an engine is built from: the export's, or the KV-append rewrite of its decoder."""
+    if part == "decoder" and kv_mode is KVMode.APPEND:
+        return manifest.root / APPENDED_FILE
+    return manifest.path(part)
 
 
 def write_append_graph(source: Path, target: Path, decoder: DecoderSpec, itemsize: int) -> str | None:
