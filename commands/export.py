@@ -18,7 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="int8/int4/fp8 quantise with calibration data (routers and norms stay in float)")
     p.add_argument("--vision-tower", help="local CLIP/SigLIP directory overriding the config's mm_image_tower")
     p.add_argument("--no-validate", action="store_true", help="skip the comparison against PyTorch")
-    p.add_argument("--out", required=True, help="output directory (written atomically)")
+    p.add_argument("--out", help="output directory (written atomically; required unless --memory-plan)")
     q = p.add_argument_group("quantisation")
     q.add_argument("--calib-data", help="LLaVA-JSON file or image folder for calibration (default: synthetic set)")
     q.add_argument("--calib-min-tokens", type=int, default=32,
@@ -26,15 +26,30 @@ def build_parser() -> argparse.ArgumentParser:
     t = p.add_argument_group("tensorrt")
     t.add_argument("--from-onnx", help="build engines from an ONNX export directory (no torch needed)")
     t.add_argument("--plugin", help="path of libmoe_llava_plugin.so (default: look next to the package)")
-    t.add_argument("--gpu", default="auto", help="target GPU family for checks, e.g. orin, thor, hopper, ada")
+    t.add_argument("--gpu", default="auto",
+                   help="target GPU family (orin, thor, hopper, ada, ...), or a board (orin-nano-8gb, orin-nx-16gb, "
+                        "agx-orin-64gb, thor, rtx-4090, h100, ...) or memory size (24GB): a build that cannot fit "
+                        "the board stops before it starts")
     t.add_argument("--max-batch", type=int, default=1)
     t.add_argument("--max-seq", type=int, default=2048, help="longest prompt + answer the engines accept")
     t.add_argument("--workspace-mb", type=int, default=None, help="builder memory-pool limit (8 GB Jetsons)")
     t.add_argument("--timing-cache", help="timing cache file to reuse across builds")
+    m = p.add_argument_group("memory plan")
+    m.add_argument("--memory-plan", action="store_true",
+                   help="print the device memory per part for --model DIR's config.json, --precision, --gpu BOARD "
+                        "and --max-seq, against the board's usable memory; builds nothing")
+    m.add_argument("--json", action="store_true", help="the memory plan as JSON")
+    m.add_argument("--group-size", type=int, choices=[64, 128], default=128, help="int4 quantisation group")
     return p
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.memory_plan:
+        from export.memory_command import print_memory_plan
+        return print_memory_plan(args.model, args.precision, args.gpu, args.max_seq, args.max_batch,
+                                 args.group_size, args.json)
+    if args.out is None:
+        raise UserError("--out is required")
     if args.target == "tensorrt":
         from calibration.tensorrt_quantised import export_tensorrt_quantised
         out = export_tensorrt_quantised(model=args.model, from_onnx=args.from_onnx, out=args.out,
@@ -42,7 +57,7 @@ def main(args: argparse.Namespace) -> int:
                                         gpu=args.gpu, max_batch=args.max_batch, max_seq=args.max_seq,
                                         workspace_mb=args.workspace_mb, timing_cache=args.timing_cache,
                                         vision_tower=args.vision_tower, calib_data=args.calib_data,
-                                        calib_min_tokens=args.calib_min_tokens)
+                                        calib_min_tokens=args.calib_min_tokens, group_size=args.group_size)
         print(f"wrote {out}")
         return 0
     if not args.model:

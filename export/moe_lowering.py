@@ -13,7 +13,10 @@ plain fp32 node in front of it; the op's translation decides what the ONNX graph
       for e in 0..E-1 (unrolled):                             (/expert.e)
         slots = NonZero(experts == e)   rows = tokens[slots]  (only tokens routed to e)
         y = fc2_e(act(fc1_e(x[rows]))) * weight[slots]
-        out = ScatterND(out, rows, y, reduction=add)
+        out = ScatterND(out, rows, GatherND(out, rows) + y)   (no reduction attribute)
+      TopK picks distinct experts, so a token reaches expert e at most once: `rows` holds no index twice and
+      the gather-add-scatter is exactly a scatter-add - one TensorRT's ONNX parser accepts (it rejects any
+      ScatterND `reduction`).
       An expert with no tokens runs a 0-row MatMul, so decode reads only k experts' weights and
       prefill never copies weights per token.
 All three are validated against the PyTorch module (export/validate.py).
@@ -186,9 +189,18 @@ def _portable(x, router_logits, fc1, fc1_bias, fc2, fc2_bias, k: int, activation
                    op.Gather(fc1_bias, e))                                     # [n,F]
         h = _onnx_activation(op, h, activation)                                # [n,I]
         y = op.Add(op.MatMul(h, op.Transpose(op.Gather(fc2, e), perm=[1, 0])), op.Gather(fc2_bias, e))
-        out = op.ScatterND(out, op.Unsqueeze(rows, [1]), op.Mul(y, op.Gather(weights, slots)),
-                           reduction="add")
+        index = op.Unsqueeze(rows, [1])                                        # [n,1], unique
+        out = op.ScatterND(out, index, op.Add(op.GatherND(out, index), op.Mul(y, op.Gather(weights, slots))))
     return out
+
+
+def drop_scatter_reduction(model) -> None:
+    """Delete ScatterND's reduction="none" (the default, which onnxscript writes out) from an exported
+    onnx_ir model: TensorRT's ONNX parser refuses a `reduction` attribute whatever its value."""
+    for node in model.graph.all_nodes():
+        attr = node.attributes.get("reduction") if node.op_type == "ScatterND" else None
+        if attr is not None and attr.value == "none":
+            del node.attributes["reduction"]
 
 
 def _onnx_activation(op, h, activation: str):

@@ -20,7 +20,7 @@ from runtime.errors import UserError
 from runtime.manifest import DecoderSpec, Manifest, PartSpec, SpecialTokens, TensorSpec
 
 from .output_dir import check_target, staged_output
-from .moe_lowering import MoEImpl, swap_in_export_moe, translation_table
+from .moe_lowering import MoEImpl, drop_scatter_reduction, swap_in_export_moe, translation_table
 from .precision import Precision
 from .parts import DecoderPart, EmbedPart, ProjectorPart, VisionPart, decoder_io_names, decoder_sample, kv_geometry
 
@@ -109,6 +109,7 @@ def _onnx_export(module, args, path: Path, input_names, output_names, dynamic_sh
                                     input_names=input_names, output_names=output_names,
                                     dynamic_shapes=dynamic_shapes, custom_translation_table=translations,
                                     verbose=False, optimize=True)
+    drop_scatter_reduction(program.model)  # portable MoE: TensorRT's parser refuses even reduction="none"
     program.save(str(path), external_data=weights > EXTERNAL_DATA_BYTES)
 
 

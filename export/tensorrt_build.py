@@ -24,11 +24,15 @@ from typing import Any, Callable
 
 from runtime.errors import UserError
 from runtime.manifest import MANIFEST_FILE, PARTS, Manifest
-from runtime.trt_engine import import_tensorrt as runtime_import_tensorrt
-from runtime.trt_engine import (ENGINES_FORMAT, ENGINES_KEY, PLUGIN_ENV, PLUGIN_LIBRARY, EngineSet, detect_gpu,
-                                load_plugin, trt_logger)
+from runtime.tensorrt.cuda import detect_gpu
+from runtime.tensorrt.engine_set import ENGINES_FORMAT, ENGINES_KEY, EngineSet
+from runtime.tensorrt.libraries import PLUGIN_ENV, PLUGIN_LIBRARY, init_builtin_plugins, load_plugin, trt_logger
+from runtime.tensorrt.libraries import import_tensorrt as runtime_import_tensorrt
+from runtime.tensorrt.memory import KVMode
 
+from .boards import gpu_family, parse_board
 from .output_dir import check_target, staged_output
+from .tensorrt_kv_append import APPENDED_FILE, onnx_source, prepare_append_graph
 from .tensorrt_checks import (GpuTarget, check_moe_impl, check_precision, check_tensorrt_version, parse_version,
                               resolve_gpu)
 from .tensorrt_profiles import BuildLimits, Profile, plan_profiles
@@ -47,6 +51,7 @@ class BuildSettings:
     plugin: Path | None = None  # libmoe_llava_plugin.so, for graphs with MoELlavaMoE nodes
     workspace_mb: int | None = None
     timing_cache: Path | None = None
+    kv_mode: KVMode = KVMode.CONCAT  # APPEND: the decoder engine is built from tensorrt_kv_append's graph
 
 
 def import_tensorrt():
@@ -58,7 +63,8 @@ def export_tensorrt(model: str | Path | None = None, from_onnx: str | Path | Non
                     out: str | Path | None = None, moe_impl: str = "auto", precision: str | None = None,
                     plugin: str | Path | None = None, gpu: str = "auto", max_batch: int = 1, max_seq: int = 2048,
                     workspace_mb: int | None = None, timing_cache: str | Path | None = None,
-                    vision_tower: str | None = None, write_quantised: QuantisedWriter | None = None) -> Path:
+                    vision_tower: str | None = None, write_quantised: QuantisedWriter | None = None,
+                    group_size: int = 128) -> Path:
     """Build TensorRT engines from `model` (a checkpoint dir or 'demo') or `from_onnx` into `out`.
     A quantised `precision` from a checkpoint needs `write_quantised` (the calibration layer passes it:
     calibration.tensorrt_quantised.export_tensorrt_quantised), so export never imports calibration."""
@@ -69,9 +75,10 @@ def export_tensorrt(model: str | Path | None = None, from_onnx: str | Path | Non
     source = Manifest.load(from_onnx) if from_onnx else None
     impl = _resolve_impl(moe_impl, source)
     check_moe_impl(impl)
-    target = resolve_gpu(gpu, *(detect_gpu() or (None, "")))
+    target = resolve_gpu(gpu_family(gpu), *(detect_gpu() or (None, "")))
     graph_precision = source.precision if source else (precision or "fp32")
     check_precision(graph_precision, target)
+    _check_memory(model, source, gpu, graph_precision, max_seq, max_batch, group_size, impl, workspace_mb)
     _note_precision(precision, graph_precision, source)
     settings = BuildSettings(limits, target, find_plugin(plugin) if impl == "plugin" else None, workspace_mb,
                              Path(timing_cache) if timing_cache else None)
@@ -88,8 +95,8 @@ def export_tensorrt(model: str | Path | None = None, from_onnx: str | Path | Non
 def build_into(trt, stage: Path, settings: BuildSettings) -> tuple[dict[str, tuple[Profile, ...]], BuildSettings]:
     """Engines for the ONNX export in `stage`, written next to it, and its manifest extended."""
     manifest = Manifest.load(stage)
-    settings = replace(settings, limits=_fit_limits(settings.limits, manifest))
-    plan = plan_profiles(manifest, settings.limits)
+    settings = replace(settings, limits=_fit_limits(settings.limits, manifest), kv_mode=_kv_append_graph(manifest))
+    plan = plan_profiles(manifest, settings.limits, settings.kv_mode)
     write_manifest(stage, build_engines(trt, manifest, plan, settings), trt.__version__)
     return plan, settings
 
@@ -107,6 +114,26 @@ def _check_request(model, from_onnx, out, moe_impl: str | None, workspace_mb: in
     out = Path(out)
     check_target(out)
     return out
+
+
+def _check_memory(model, source: Manifest | None, gpu: str, precision: str, max_seq: int, max_batch: int,
+                  group_size: int, impl: str, workspace_mb: int | None) -> None:
+    """The memory plan's checks (the model fits a --gpu board; the plugin's workspace fits --workspace-mb),
+    imported only when asked for: they read the model config through moe_llava.config."""
+    board = parse_board(gpu)
+    if board is None and not (impl == "plugin" and workspace_mb):
+        return
+    from .memory_report import build_config, check_build_memory
+    seq = min(max_seq, source.decoder.max_positions) if source else max_seq
+    check_build_memory(build_config(model, source.config if source else None), board, precision, seq, max_batch,
+                       group_size, impl == "plugin", workspace_mb)
+
+
+def _kv_append_graph(manifest: Manifest) -> KVMode:
+    problem = prepare_append_graph(manifest)
+    if problem:
+        _note(f"decoder KV cache kept in two device copies: {problem}")
+    return KVMode.CONCAT if problem else KVMode.APPEND
 
 
 def _fit_limits(limits: BuildLimits, manifest: Manifest) -> BuildLimits:
@@ -148,7 +175,7 @@ def link_export(source: Path, stage: Path) -> None:
     manifest.json is copied, never linked, because it is rewritten; old engines and plugin copies are left out."""
     stage.mkdir(parents=True, exist_ok=True)
     for f in sorted(Path(source).iterdir()):
-        if not f.is_file() or f.suffix == ".engine" or f.name == PLUGIN_LIBRARY:
+        if not f.is_file() or f.suffix == ".engine" or f.name in (PLUGIN_LIBRARY, APPENDED_FILE):
             continue
         if f.name == MANIFEST_FILE:
             shutil.copyfile(f, stage / f.name)
@@ -194,9 +221,7 @@ def network_flags(trt) -> int:
 def build_engines(trt, manifest: Manifest, plan: dict[str, tuple[Profile, ...]],
                   settings: BuildSettings) -> dict[str, Any]:
     """All four engines into manifest.root; returns the manifest's `engines` section."""
-    logger = trt_logger(trt)
-    if hasattr(trt, "init_libnvinfer_plugins"):
-        trt.init_libnvinfer_plugins(logger, "")
+    init_builtin_plugins(trt)
     if settings.plugin is not None:
         load_plugin(trt, settings.plugin)  # before parsing: the parser maps MoELlavaMoE nodes to its creator
     cache = TimingCache(settings.timing_cache)
@@ -218,7 +243,7 @@ def build_engine(trt, manifest: Manifest, part: str, profiles: tuple[Profile, ..
                  cache: TimingCache):
     """Parse <part>.onnx and build its serialised engine (an IHostMemory)."""
     logger = trt_logger(trt)
-    onnx_path = manifest.path(part)
+    onnx_path = onnx_source(manifest, part, settings.kv_mode)
     builder = trt.Builder(logger)
     network = builder.create_network(network_flags(trt))
     parser = trt.OnnxParser(network, logger)
@@ -292,7 +317,7 @@ def engines_section(tensorrt_version: str, parts: dict[str, Any], settings: Buil
         "gpu": {"family": gpu.family, "name": gpu.name,
                 "compute_capability": f"{gpu.sm[0]}.{gpu.sm[1]}" if gpu.measured and gpu.sm else None},
         "max_batch": settings.limits.max_batch, "max_seq": settings.limits.max_seq,
-        "workspace_mb": settings.workspace_mb,
+        "workspace_mb": settings.workspace_mb, "kv_mode": settings.kv_mode.value,
     }
 
 
@@ -310,7 +335,8 @@ def print_trtexec(out: Path, manifest: Manifest, plan: dict[str, tuple[Profile, 
                   settings: BuildSettings) -> None:
     print("equivalent trtexec commands (to rebuild or tune an engine by hand):")
     for part in PARTS:
-        argv = trtexec_command(out / manifest.parts[part].file, out / f"{part}.engine", plan[part],
+        source = out / onnx_source(manifest, part, settings.kv_mode).name
+        argv = trtexec_command(source, out / f"{part}.engine", plan[part],
                                out / PLUGIN_LIBRARY if settings.plugin is not None else None,
                                settings.workspace_mb, settings.timing_cache)
         print(f"  {format_command(argv)}")

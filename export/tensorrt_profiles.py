@@ -10,6 +10,7 @@ Shapes: B batch (1..max_batch), S new positions, P past positions, M max_seq, N 
   decoder    inputs_embeds [B,S,H], attention_mask [B,P+S], position_ids [B,S], past.{i}.{key,value} [B,KVH,P,D]
              profile 0 "prefill": S 1..M,  P 0          (the Engine protocol starts a new cache at prefill)
              profile 1 "decode":  S 1,     P 0..M-1     (so P+S <= M always)
+             past is [B,P,KVH,D] when the engine is built from the KV-append graph (export/tensorrt_kv_append.py)
 """
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from runtime.errors import UserError
-from runtime.manifest import DecoderSpec, Manifest, PartSpec
+from runtime.manifest import DecoderSpec, Manifest, PartSpec, TensorSpec
+from runtime.tensorrt.memory import KVMode
 
 Dims = tuple[int, ...]
 PREFILL, DECODE = "prefill", "decode"
@@ -99,15 +101,17 @@ def embed_profiles(manifest: Manifest, limits: BuildLimits) -> tuple[Profile, ..
     return (Profile("tokens", {"input_ids": _range((1, 1), (1, 1), (limits.max_batch, limits.max_seq))}),)
 
 
-def decoder_profiles(decoder: DecoderSpec, limits: BuildLimits, image_tokens: int | None) -> tuple[Profile, ...]:
+def decoder_profiles(decoder: DecoderSpec, limits: BuildLimits, image_tokens: int | None,
+                     kv_mode: KVMode = KVMode.CONCAT) -> tuple[Profile, ...]:
     m = limits.max_seq
     opt_prompt = min(m, (image_tokens or 0) + TEXT_OPT)
-    prefill = _decoder_ranges(decoder, limits, seq=(1, opt_prompt, m), past=(0, 0, 0))
-    decode = _decoder_ranges(decoder, limits, seq=(1, 1, 1), past=(0, min(m - 1, opt_prompt + TEXT_OPT), m - 1))
+    prefill = _decoder_ranges(decoder, limits, (1, opt_prompt, m), (0, 0, 0), kv_mode)
+    decode = _decoder_ranges(decoder, limits, (1, 1, 1), (0, min(m - 1, opt_prompt + TEXT_OPT), m - 1), kv_mode)
     return Profile(PREFILL, prefill), Profile(DECODE, decode)
 
 
-def _decoder_ranges(decoder: DecoderSpec, limits: BuildLimits, seq: Dims, past: Dims) -> dict[str, ShapeRange]:
+def _decoder_ranges(decoder: DecoderSpec, limits: BuildLimits, seq: Dims, past: Dims,
+                    kv_mode: KVMode) -> dict[str, ShapeRange]:
     """min/opt/max of every decoder input; index 0/1/2 of seq, past and batch pick min/opt/max."""
     batch = (1, 1, limits.max_batch)
     h, kvh, d = decoder.hidden_size, decoder.num_kv_heads, decoder.head_dim
@@ -119,25 +123,42 @@ def _decoder_ranges(decoder: DecoderSpec, limits: BuildLimits, seq: Dims, past: 
         "attention_mask": ranged(lambda i: (batch[i], past[i] + seq[i])),          # [B,P+S]
         "position_ids": ranged(lambda i: (batch[i], seq[i])),                      # [B,S]
     }
-    cache = ranged(lambda i: (batch[i], kvh, past[i], d))                           # [B,KVH,P,D]
+    if kv_mode is KVMode.APPEND:
+        cache = ranged(lambda i: (batch[i], past[i], kvh, d))                       # [B,P,KVH,D]
+    else:
+        cache = ranged(lambda i: (batch[i], kvh, past[i], d))                       # [B,KVH,P,D]
     past_names = decoder.io_names()[0][3:]
     return {**shapes, **{name: cache for name in past_names}}
 
 
 # ---- the whole plan -----------------------------------------------------------------------------
-def plan_profiles(manifest: Manifest, limits: BuildLimits) -> dict[str, tuple[Profile, ...]]:
-    """part -> its profiles (TensorRT profile index = position), checked against the manifest's I/O specs."""
+def plan_profiles(manifest: Manifest, limits: BuildLimits,
+                  kv_mode: KVMode = KVMode.CONCAT) -> dict[str, tuple[Profile, ...]]:
+    """part -> its profiles (TensorRT profile index = position), checked against the manifest's I/O specs (the
+    decoder's past position-major for the KV-append graph)."""
     limits = limits.fit(manifest.decoder)
     image_tokens = image_feature_dims(manifest)[0]
     plan = {
         "vision": vision_profiles(manifest, limits),
         "projector": projector_profiles(manifest, limits),
         "embed": embed_profiles(manifest, limits),
-        "decoder": decoder_profiles(manifest.decoder, limits, image_tokens),
+        "decoder": decoder_profiles(manifest.decoder, limits, image_tokens, kv_mode),
     }
     for part, profiles in plan.items():
-        check_profiles(part, manifest.parts[part], profiles)
+        spec = manifest.parts[part]
+        check_profiles(part, position_major(spec) if part == "decoder" and kv_mode is KVMode.APPEND else spec,
+                       profiles)
     return plan
+
+
+def position_major(spec: PartSpec) -> PartSpec:
+    """The decoder's inputs as the KV-append graph declares them: past [B,KVH,P,D] -> [B,P,KVH,D]."""
+    def swap(t: TensorSpec) -> TensorSpec:
+        if not t.name.startswith("past_key_values."):
+            return t
+        b, kvh, p, d = t.shape
+        return TensorSpec(t.name, (b, p, kvh, d), t.dtype)
+    return PartSpec(spec.file, tuple(map(swap, spec.inputs)), spec.outputs)
 
 
 def check_profiles(part: str, spec: PartSpec, profiles: tuple[Profile, ...]) -> None:

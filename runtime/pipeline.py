@@ -27,7 +27,7 @@ def load_engine(engine_dir: str | Path, manifest: Manifest, backend: str, provid
 
         return OrtEngine(engine_dir, manifest, providers=providers, threads=threads, max_len=max_len)
     if backend == "tensorrt":
-        from runtime.trt_engine import TrtEngine
+        from runtime.tensorrt.engine import TrtEngine
 
         return TrtEngine(engine_dir, manifest, max_len=max_len)  # providers/threads are onnxruntime's
     raise UserError(f"unknown backend {backend!r}; expected one of {BACKENDS}")

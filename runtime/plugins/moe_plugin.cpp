@@ -3,7 +3,7 @@
 //
 // Registration: the library exports getCreators + setLoggerFinder, which is what IPluginRegistry::loadLibrary,
 // trtexec --dynamicPlugins and trt.get_plugin_registry().load_library(path) look for. Building with
-// MOE_LLAVA_STATIC_REGISTRATION also registers the creator at load time (REGISTER_TENSORRT_PLUGIN, for
+// MOE_LLAVA_STATIC_REGISTRATION also registers the creator at load time, under the namespace "moe_llava" (for
 // dlopen/ctypes-style loading); that build links libnvinfer, and must not also be passed to loadLibrary, which
 // refuses a library whose creators are already registered.
 #include "moe_plugin.h"
@@ -345,7 +345,20 @@ nvinfer1::IPluginV3* MoePluginCreator::createPlugin(const char* name, const nvin
 }
 
 #if defined(MOE_LLAVA_STATIC_REGISTRATION)
-REGISTER_TENSORRT_PLUGIN(MoePluginCreator);
+namespace {
+// Registers the creator when the library is opened, under kPluginNamespace: REGISTER_TENSORRT_PLUGIN would
+// register it under namespace "", where the parser - looking up the node's plugin_namespace "moe_llava" -
+// does not look, and a V3 creator cannot be moved to another namespace afterwards.
+struct StaticRegistration {
+    StaticRegistration() {
+        static MoePluginCreator creator;
+        if (!getPluginRegistry()->registerCreator(creator, kPluginNamespace)) {
+            logError("static registration of the creator failed (already registered?)");
+        }
+    }
+};
+const StaticRegistration gStaticRegistration;
+}  // namespace
 #endif
 
 }  // namespace moe_llava

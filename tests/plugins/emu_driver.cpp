@@ -88,5 +88,6 @@ int main(int argc, char** argv) {
     writeFile(dir + "/out.bin", out.data, outBytes);
     writeFile(dir + "/topk_ids.bin", view.topk_ids, S * sizeof(int32_t));
     writeFile(dir + "/topk_w.bin", view.topk_weights, S * sizeof(float));
+    std::printf("workspace_bytes %zu\n", moeWorkspaceSize(p.T, p.E, p.K, p.H, p.I, p.dtype));
     return 0;
 }

@@ -46,3 +46,22 @@ def test_plugin_glue_like_tensorrt(glue_driver, tmp_path):
     assert res.returncode == 0, res.stdout + res.stderr
     out = np.fromfile(tmp_path / "out.bin", dtype=np.float16).reshape(case.T, case.H)
     assert_close_to_reference(out, reference_moe(case)[0], case.dtype)
+
+
+def test_static_registration_uses_the_plugin_namespace(tmp_path):
+    """The MOE_LLAVA_STATIC_REGISTRATION build registers its creator under "moe_llava" - the namespace the
+    ONNX nodes name - not under "" as REGISTER_TENSORRT_PLUGIN would (recorded by a stand-in registry)."""
+    gxx, cuda_inc, trt_inc = shutil.which("g++"), cuda_include_dir(), tensorrt_include_dir()
+    if gxx is None or cuda_inc is None or trt_inc is None:
+        pytest.skip("needs g++, the CUDA headers and TensorRT headers (TENSORRT_INCLUDE_DIR)")
+    exe = tmp_path / "static_registration"
+    # Only load-time code runs: the kernels and CUDA stay unlinked (a non-PIE executable tolerates that) rather
+    # than compiled under the emulation, which takes ten times longer.
+    cmd = [gxx, "-std=c++17", "-O0", "-Wno-deprecated-declarations", "-DMOE_LLAVA_STATIC_REGISTRATION",
+           "-isystem", str(trt_inc), "-isystem", str(cuda_inc), f"-I{PLUGIN_DIR}", str(PLUGIN_DIR / "moe_plugin.cpp"),
+           str(HERE / "static_registration_driver.cpp"), "-no-pie", "-Wl,--unresolved-symbols=ignore-in-object-files",
+           "-o", str(exe)]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    assert res.returncode == 0, f"{' '.join(cmd)}\n{res.stderr}"
+    run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0 and run.stdout.split("\n")[:-1] == ["MoELlavaMoE 1 moe_llava"], run.stdout + run.stderr

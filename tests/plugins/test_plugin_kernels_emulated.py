@@ -138,3 +138,19 @@ def test_matches_project_moe_layer(driver, tmp_path, activation, k, bias):
         case.fc1_b, case.fc2_b = np.zeros_like(case.fc1_b), np.zeros_like(case.fc2_b)
     out, _, _ = run_case(driver, tmp_path, case)
     assert_close_to_reference(out, expected.astype(np.float64), "float32")
+
+
+@pytest.mark.parametrize("T, E, K, H, I, dtype", [(1, 4, 2, 64, 96, "float16"), (577, 4, 2, 72, 40, "float32"),
+                                                  (7, 8, 1, 32, 48, "float16")])
+def test_workspace_arithmetic_matches_the_plugin(driver, tmp_path, T, E, K, H, I, dtype):
+    """runtime/tensorrt/memory.py's moe_workspace_bytes (what the memory plan and the --workspace-mb check use)
+    is the plugin's own moeWorkspaceSize."""
+    from runtime.tensorrt.memory import moe_workspace_bytes
+    case = MoeCase(T, E, K, H, I, "swiglu", dtype)
+    for name, arr in zip(["hidden", "logits", "fc1_w", "fc1_b", "fc2_w", "fc2_b"], case.inputs()):
+        np.ascontiguousarray(arr).tofile(tmp_path / f"{name}.bin")
+    args = [T, E, K, H, I, int(dtype == "float16"), ACTIVATIONS["swiglu"], 1, PATHS["auto"], 0, tmp_path]
+    res = subprocess.run([str(driver), *map(str, args)], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    reported = int(res.stdout.split("workspace_bytes")[1].split()[0])
+    assert moe_workspace_bytes(T, E, K, H, I, np.dtype(dtype).itemsize) == reported

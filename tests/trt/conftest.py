@@ -27,7 +27,7 @@ def no_tensorrt(monkeypatch):
 def fake_stack(monkeypatch):
     """Installs fake `tensorrt` and `cuda.bindings.runtime` (see fake_trt.py); yields (trt, cudart)."""
     import fake_trt
-    import runtime.trt_engine as trt_engine
+    import runtime.tensorrt.libraries as libraries
 
     cudart = fake_trt.FakeCudart()
     trt = fake_trt.make_tensorrt(cudart)
@@ -37,7 +37,8 @@ def fake_stack(monkeypatch):
     for name, module in (("tensorrt", trt), ("cuda", cuda), ("cuda.bindings", bindings),
                          ("cuda.bindings.runtime", cudart)):
         monkeypatch.setitem(sys.modules, name, module)
-    monkeypatch.setattr(trt_engine, "_LOGGER", None)  # the logger class derives from the fake ILogger
-    monkeypatch.setattr(trt_engine, "_PLUGINS", {})
+    monkeypatch.setattr(libraries, "_LOGGER", None)  # the logger class derives from the fake ILogger
+    monkeypatch.setattr(libraries, "_PLUGINS", {})
+    monkeypatch.setattr(libraries, "_BUILTIN_PLUGINS", set())
     monkeypatch.delenv("MOE_LLAVA_PLUGIN", raising=False)
     yield trt, cudart

@@ -48,6 +48,8 @@ class FakeCudart:
         self.device: dict[int, np.ndarray] = {}  # 256-byte aligned address -> the bytes it owns
         self.host: dict[int, np.ndarray] = {}
         self.capturing: list | None = None
+        self.live_graphs: set[int] = set()  # ids of graphs captured and not yet destroyed
+        self.malloc_sizes: list[int] = []  # every cudaMalloc's size, in order
         self.launches = 0
         self.streams = 0
 
@@ -98,6 +100,7 @@ class FakeCudart:
         return cudaError_t.cudaSuccess, array.ctypes.data
 
     def cudaMalloc(self, size):
+        self.malloc_sizes.append(int(size))
         return self._alloc(self.device, size)
 
     def cudaMallocHost(self, size):
@@ -138,6 +141,7 @@ class FakeCudart:
 
     def cudaStreamEndCapture(self, stream):
         graph, self.capturing = self.capturing, None
+        self.live_graphs.add(id(graph))
         return cudaError_t.cudaSuccess, graph
 
     def cudaGraphInstantiate(self, graph, flags):
@@ -150,6 +154,8 @@ class FakeCudart:
         return (cudaError_t.cudaSuccess,)
 
     def cudaGraphDestroy(self, graph):
+        assert id(graph) in self.live_graphs, "cudaGraphDestroy of an unknown graph"
+        self.live_graphs.discard(id(graph))
         return (cudaError_t.cudaSuccess,)
 
     def cudaGraphExecDestroy(self, graph_exec):
@@ -158,11 +164,24 @@ class FakeCudart:
 
 # ---- tensorrt -----------------------------------------------------------------------------------
 class DataType(enum.Enum):
-    FLOAT = np.float32
-    HALF = np.float16
-    INT64 = np.int64
-    INT32 = np.int32
-    BOOL = np.bool_
+    """TensorRT 10.x / 11.x's DataType members; nptype() resolves only those numpy can hold, as TensorRT's does."""
+    FLOAT = "float32"
+    HALF = "float16"
+    BF16 = None
+    INT8 = "int8"
+    INT32 = "int32"
+    INT64 = "int64"
+    BOOL = "bool"
+    UINT8 = "uint8"
+    FP8 = "fp8"
+    INT4 = "int4"
+    FP4 = "fp4"
+
+
+def nptype(dtype: DataType):
+    if dtype.value not in ("float32", "float16", "int8", "int32", "int64", "bool", "uint8"):
+        raise TypeError(f"Could not resolve TensorRT datatype {dtype.name} to an equivalent numpy datatype.")
+    return np.dtype(dtype.value).type
 
 
 class Severity(enum.IntEnum):
@@ -186,19 +205,71 @@ def make_tensorrt(cudart: FakeCudart, version: str = "10.3.0.30") -> types.Modul
     trt.__version__ = version
     trt.ILogger = ILogger
     trt.DataType = DataType
-    trt.nptype = lambda dtype: dtype.value
+    trt.IStreamReaderV2, trt.SeekPosition = IStreamReaderV2, SeekPosition
+    trt.nptype = nptype
     trt.NetworkDefinitionCreationFlag = SimpleNamespace(STRONGLY_TYPED=1)
     trt.MemoryPoolType = SimpleNamespace(WORKSPACE="workspace")
     trt.TensorIOMode = SimpleNamespace(INPUT="input", OUTPUT="output")
     trt.ExecutionContextAllocationStrategy = SimpleNamespace(USER_MANAGED="user_managed", STATIC="static")
-    trt.log = SimpleNamespace(plugins=[], builds=[])
-    registry = SimpleNamespace(load_library=lambda path: trt.log.plugins.append(path) or object())
-    trt.get_plugin_registry = lambda: registry
-    trt.init_libnvinfer_plugins = lambda logger, namespace: True
+    trt.log = SimpleNamespace(plugins=[], builds=[], builtin_plugins=0, deserialised=[])
+    trt.registry = Registry(trt.log)
+    trt.get_plugin_registry = lambda: trt.registry
+    trt.init_libnvinfer_plugins = lambda logger, namespace: trt.registry.init_builtin(namespace)
     trt.Builder = lambda logger: Builder(trt)
-    trt.OnnxParser = OnnxParser
-    trt.Runtime = lambda logger: SimpleNamespace(deserialize_cuda_engine=lambda data: Engine(data, cudart))
+    trt.OnnxParser = lambda network, logger: OnnxParser(network, trt.registry)
+    trt.Runtime = lambda logger: Runtime(trt, cudart)
     return trt
+
+
+# The creator a plugin library's getCreators hands to loadLibrary, which registers it under the namespace the
+# creator reports (runtime/plugins/moe_plugin.h: "MoELlavaMoE", version "1", namespace "moe_llava").
+PLUGIN_CREATORS = (("MoELlavaMoE", "1", "moe_llava"),)
+BUILTIN_CREATORS = (("EfficientNMS_TRT", "1", ""),)  # one of libnvinfer_plugin's, registered by init
+
+
+class Registry:
+    def __init__(self, log):
+        self.log, self.creators = log, set()
+
+    def load_library(self, path):
+        self.log.plugins.append(path)
+        self.creators.update(PLUGIN_CREATORS)
+        return object()
+
+    def init_builtin(self, namespace):
+        self.log.builtin_plugins += 1
+        self.creators.update((name, version, namespace) for name, version, _ in BUILTIN_CREATORS)
+        return True
+
+
+class Runtime:
+    def __init__(self, trt, cudart: FakeCudart):
+        self.trt, self.cudart = trt, cudart
+
+    def deserialize_cuda_engine(self, source):
+        """Bytes-like (a memory map included) or an IStreamReaderV2, read as TensorRT does: asking for what is
+        left until it has it all. The plugin layers' creators must be registered by then."""
+        if isinstance(source, self.trt.IStreamReaderV2):
+            data, how = read_stream(source, self.trt), "stream"
+        else:
+            data, how = bytes(memoryview(source)), type(source).__name__
+        plan = json.loads(data)
+        missing = [c for c in map(tuple, plan["plugins"]) if c not in self.trt.registry.creators]
+        if missing:
+            return None  # TensorRT: "getPluginCreator could not find plugin ..."
+        self.trt.log.deserialised.append(how)
+        return Engine(plan, self.cudart)
+
+
+def read_stream(reader, trt) -> bytes:
+    assert reader.seek(0, trt.SeekPosition.END) and reader.seek(0, trt.SeekPosition.SET)
+    chunks = []
+    while True:
+        chunk = reader.read(1 << 40, 0)  # "give me everything": the reader decides how much per call
+        if not chunk:
+            return b"".join(chunks)
+        reader.max_chunk = max(getattr(reader, "max_chunk", 0), len(chunk))
+        chunks.append(bytes(chunk))
 
 
 class Builder:
@@ -217,30 +288,93 @@ class Builder:
     def build_serialized_network(self, network, config):
         self.trt.log.builds.append({"flags": network.flags, "workspace": config.workspace})
         model = base64.b64encode(Path(network.path).read_bytes()).decode()  # self-contained, like a plan
-        return json.dumps({"onnx": model, "profiles": [p.shapes for p in config.profiles]}).encode()
+        return json.dumps({"onnx": model, "profiles": [p.shapes for p in config.profiles],
+                           "plugins": sorted(network.plugins)}).encode()
 
 
 class Network:
     def __init__(self, flags):
         self.flags, self.path, self.inputs, self.num_inputs = flags, None, [], 0
+        self.plugins: set[tuple[str, str, str]] = set()  # (name, version, namespace) of its plugin layers
 
     def get_input(self, i):
         return SimpleNamespace(name=self.inputs[i])
 
 
 class OnnxParser:
-    def __init__(self, network, logger):
-        self.network, self.num_errors = network, 0
+    """What TensorRT's ONNX parser (onnx-tensorrt 10.x) refuses, for the graphs we emit:
+    - ScatterND with a `reduction` attribute ("Attribute reduction is not supported"; ScatterMode has only
+      ELEMENT and ND);
+    - a node outside the standard domain that no registered plugin creator answers to. As the parser's plugin
+      fallback does: name = op_type, version = `plugin_version` ("1" when absent), namespace =
+      `plugin_namespace` - when absent, "" and then the node's domain."""
+    STANDARD_DOMAINS = ("", "ai.onnx")
+
+    def __init__(self, network, registry):
+        self.network, self.registry, self.errors = network, registry, []
+
+    @property
+    def num_errors(self):
+        return len(self.errors)
+
+    def get_error(self, i):
+        return self.errors[i]
 
     def parse_from_file(self, path):
         import onnx
 
         graph = onnx.load(path, load_external_data=False).graph
+        for node in graph.node:
+            problem = self._check(node)
+            if problem:
+                self.errors.append(ParserError(problem, node.name))
+        if self.errors:
+            return False
         initializers = {t.name for t in graph.initializer}
         self.network.path = path
         self.network.inputs = [v.name for v in graph.input if v.name not in initializers]
         self.network.num_inputs = len(self.network.inputs)
         return True
+
+    def _check(self, node) -> str | None:
+        attrs = {a.name: a for a in node.attribute}
+        if node.op_type == "ScatterND" and "reduction" in attrs:
+            return "Attribute reduction is not supported."
+        if node.domain in self.STANDARD_DOMAINS:
+            return None
+        version = attrs["plugin_version"].s.decode() if "plugin_version" in attrs else "1"
+        namespaces = [attrs["plugin_namespace"].s.decode()] if "plugin_namespace" in attrs else ["", node.domain]
+        for namespace in namespaces:
+            if (node.op_type, version, namespace) in self.registry.creators:
+                self.network.plugins.add((node.op_type, version, namespace))
+                return None
+        return (f"No importer registered for op: {node.op_type} (domain {node.domain!r}); plugin creator "
+                f"{node.op_type} version {version} namespace {'/'.join(map(repr, namespaces))} not found")
+
+
+class ParserError:
+    def __init__(self, desc: str, node_name: str):
+        self._desc, self._node = desc, node_name
+
+    def desc(self):
+        return self._desc
+
+    def node_name(self):
+        return self._node
+
+    def node(self):
+        return -1
+
+
+class IStreamReaderV2:
+    def __init__(self):
+        pass
+
+
+class SeekPosition(enum.Enum):
+    SET = 0
+    CUR = 1
+    END = 2
 
 
 class Config:
@@ -273,17 +407,18 @@ class Profile:
 class Engine:
     """Runs the ONNX file with onnxruntime; I/O types are the graph's."""
 
-    def __init__(self, data: bytes, cudart: FakeCudart):
+    def __init__(self, plan: dict, cudart: FakeCudart):
         import onnxruntime as ort
 
-        plan = json.loads(bytes(data))
         self.cudart, self.profiles = cudart, plan["profiles"]
         self.session = ort.InferenceSession(base64.b64decode(plan["onnx"]), providers=["CPUExecutionProvider"])
         self.inputs = [i.name for i in self.session.get_inputs()]
         self.outputs = [o.name for o in self.session.get_outputs()]
         types_ = {i.name: i.type for i in self.session.get_inputs() + self.session.get_outputs()}
         ort_to_np = {"tensor(float)": DataType.FLOAT, "tensor(float16)": DataType.HALF,
-                     "tensor(int64)": DataType.INT64, "tensor(int32)": DataType.INT32}
+                     "tensor(bfloat16)": DataType.BF16, "tensor(int64)": DataType.INT64,
+                     "tensor(int32)": DataType.INT32, "tensor(int8)": DataType.INT8, "tensor(uint8)": DataType.UINT8,
+                     "tensor(bool)": DataType.BOOL, "tensor(float8e4m3fn)": DataType.FP8}
         self.dtypes = {name: ort_to_np[t] for name, t in types_.items()}
         self.num_io_tensors = len(self.inputs) + len(self.outputs)
         self.num_optimization_profiles = len(self.profiles)
@@ -352,7 +487,7 @@ class Context:
         return True
 
     def _zeros(self):
-        return {n: np.zeros(self.shapes[n], self.engine.dtypes[n].value) for n in self.engine.inputs}
+        return {n: np.zeros(self.shapes[n], nptype(self.engine.dtypes[n])) for n in self.engine.inputs}
 
     def _compute(self, feeds):
         return self.engine.session.run(None, feeds)
@@ -361,12 +496,12 @@ class Context:
         self.runs += 1
         feeds = {}
         for name in self.engine.inputs:
-            dtype = np.dtype(self.engine.dtypes[name].value)
+            dtype = np.dtype(nptype(self.engine.dtypes[name]))
             nbytes = int(np.prod(shapes[name])) * dtype.itemsize
             self.engine.cudart.block(addresses[name], nbytes)
             raw = (ctypes.c_uint8 * nbytes).from_address(addresses[name]) if nbytes else b""
             feeds[name] = np.frombuffer(bytes(raw), dtype).reshape(shapes[name])
         for name, value in zip(self.engine.outputs, self._compute(feeds)):
-            value = np.ascontiguousarray(value, self.engine.dtypes[name].value)
+            value = np.ascontiguousarray(value, nptype(self.engine.dtypes[name]))
             self.engine.cudart.block(addresses[name], value.nbytes)
             ctypes.memmove(addresses[name], value.ctypes.data, value.nbytes)

@@ -8,7 +8,7 @@ import pytest
 from export.tensorrt_checks import (GpuTarget, check_moe_impl, check_precision, check_tensorrt_version,
                                     family_of, parse_version, resolve_gpu)
 from runtime.errors import UserError
-from runtime.trt_engine import EngineSet
+from runtime.tensorrt.engine_set import EngineSet
 
 ORIN, HOPPER = (8, 7), (9, 0)
 

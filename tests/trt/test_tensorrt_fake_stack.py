@@ -20,19 +20,28 @@ from rt_helpers import EOS, HIDDEN, PATCHES, build_tiny_export, expected_logits,
 from runtime.errors import UserError  # noqa: E402
 from runtime.manifest import Manifest  # noqa: E402
 from runtime.pipeline import load_pipeline  # noqa: E402
-from runtime.trt_engine import EngineSet, TrtEngine  # noqa: E402
+from runtime.tensorrt.engine import TrtEngine  # noqa: E402
+from runtime.tensorrt.engine_set import EngineSet  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
+# A StableLM-layout config.json with the tiny export's decoder geometry (2 layers, 2 kv heads of 4, hidden 8):
+# what the memory plan reads from an ONNX export's manifest.
+TINY_CONFIG = {
+    "model_type": "moe_llava_stablelm", "hidden_size": HIDDEN, "num_attention_heads": 2, "num_key_value_heads": 2,
+    "num_hidden_layers": 2, "intermediate_size": 16, "vocab_size": 257, "max_position_embeddings": 64,
+    "mm_hidden_size": 48, "mm_image_tower": "openai/clip-vit-large-patch14-336", "image_projector_type": "linear",
+    "moe": {"moe_enable": True, "num_experts": [4], "top_k_experts": 2, "moe_mode": "sparse"},
+}
 
 
 def tiny_onnx(tmp_path, dtype=np.float32, moe_impl=None, max_positions=64):
     src = tmp_path / f"onnx-{np.dtype(dtype).name}"
     weights = build_tiny_export(src, dtype, max_positions=max_positions)
-    if moe_impl:
-        raw = json.loads((src / "manifest.json").read_text())
-        raw["moe_impl"] = moe_impl
-        (src / "manifest.json").write_text(json.dumps(raw))
+    raw = json.loads((src / "manifest.json").read_text())
+    raw["config"] = TINY_CONFIG
+    raw["moe_impl"] = moe_impl or raw["moe_impl"]
+    (src / "manifest.json").write_text(json.dumps(raw))
     return src, weights
 
 

@@ -12,7 +12,7 @@ from export.tensorrt_profiles import (BuildLimits, Profile, ShapeRange, check_pr
 from rt_helpers import HEAD_DIM, HIDDEN, KVH, PATCHES, VISION_DIM, build_tiny_export  # noqa: E402
 from runtime.errors import UserError  # noqa: E402
 from runtime.manifest import Manifest  # noqa: E402
-from runtime.trt_engine import ALIGNMENT, DecoderBuffers, KVLayout, decoder_bindings, position_table  # noqa: E402
+from runtime.tensorrt.kv_layout import ALIGNMENT, DecoderBuffers, KVLayout, decoder_bindings, position_table  # noqa: E402
 
 LAYERS = 2
 

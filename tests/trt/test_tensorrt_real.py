@@ -14,7 +14,8 @@ if getattr(trt, "__version__", None) is None:  # a directory named tensorrt on s
 
 from export.tensorrt_build import export_tensorrt, plugin_candidates  # noqa: E402
 from rt_helpers import PATCHES, build_tiny_export, expected_logits, expected_visual  # noqa: E402
-from runtime.trt_engine import TrtEngine, detect_gpu  # noqa: E402
+from runtime.tensorrt.cuda import detect_gpu  # noqa: E402
+from runtime.tensorrt.engine import TrtEngine  # noqa: E402
 
 if detect_gpu() is None:
     pytest.skip("no CUDA GPU visible through cuda-python", allow_module_level=True)
