@@ -47,7 +47,7 @@ def select_steps(only: str) -> list[Step]:
 def run_step(step: Step, time_left: float) -> StepResult:
     """The step in a worker subprocess, its output captured; a timeout or a crash is a failed step."""
     limit = min(step.timeout_s, time_left)
-    if limit < 5:
+    if time_left < 5:
         return StepResult(step.name, Status.FAIL, 0.0, "not run: the --budget-s was used up by earlier steps")
     start = time.monotonic()
     with tempfile.TemporaryDirectory() as tmp:
