@@ -82,15 +82,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     env = environment.collect()
     print(f"gpu-check on {env.get('device', gpus[0])}: {', '.join(s.name for s in steps)}", flush=True)
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+    command = ("python3 -m gpu_check " + " ".join(sys.argv[1:] if argv is None else argv)).strip()
     deadline, results = time.monotonic() + args.budget_s, []
     for step in steps:
         print(f"[{step.name}] {step.what} ...", flush=True)
         result = run_step(step, deadline - time.monotonic())
         print(f"[{step.name}] {result.status.value.upper()} in {result.seconds:.1f} s: {result.summary}", flush=True)
         results.append(result)
-    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
-    command = "python3 -m gpu_check " + " ".join(sys.argv[1:] if argv is None else argv)
-    for path in write_report(args.out, date, env, results, command.strip()):
+        paths = write_report(args.out, date, env, results, command)  # after every step: a killed run keeps its report
+    for path in paths:
         print(f"report: {path}")
     failed = [r.name for r in results if r.status is Status.FAIL]
     print(f"gpu-check: {'FAILED: ' + ', '.join(failed) if failed else 'all steps passed'}")

@@ -1,4 +1,5 @@
-"""The gpu-check steps, in run order. Each runs in its own subprocess (gpu_check.worker) under a time limit."""
+"""The gpu-check steps in run order, the slow sanitizers last so they cannot starve the others. Each runs in its own
+subprocess (gpu_check.worker) under its time limit."""
 
 from __future__ import annotations
 
@@ -17,11 +18,11 @@ STEPS = [
     Step("kernels", "gpu_check.kernels:run", 300, "plugin kernel sweep: tests/plugins/test_*_gpu.py against PyTorch"),
     Step("lifecycle", "gpu_check.lifecycle:run", 240,
          "real IPluginV3 through TensorRT's life cycle: aligned, misaligned, CUDA-graph enqueues vs reference"),
-    Step("memcheck", "gpu_check.lifecycle:run_memcheck", 200, "the lifecycle driver under compute-sanitizer memcheck"),
-    Step("racecheck", "gpu_check.lifecycle:run_racecheck", 240,
-         "the lifecycle driver under compute-sanitizer racecheck"),
     Step("cuda-helpers", "gpu_check.cuda_helpers:run", 90, "the TensorRT backend's cuda-bindings Cuda wrapper"),
     Step("moe-timing", "gpu_check.moe_timing:run", 240,
          "plugin MoE layer vs PyTorch MoELayer, StableLM shape, T=1 and 577, GB/s"),
+    Step("memcheck", "gpu_check.lifecycle:run_memcheck", 200, "the lifecycle driver under compute-sanitizer memcheck"),
+    Step("racecheck", "gpu_check.lifecycle:run_racecheck", 240,
+         "the lifecycle driver under compute-sanitizer racecheck"),
 ]
 BY_NAME = {s.name: s for s in STEPS}
