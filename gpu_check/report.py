@@ -48,21 +48,26 @@ def write_report(out_dir: Path, date: str, environment: dict, steps: list[StepRe
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = report_stem(date, environment.get("device", "unknown"))
     ok = all(s.status is not Status.FAIL for s in steps)
-    doc = {"date": date, "command": command, "passed": ok, "environment": environment,
-           "steps": [s.to_json() for s in steps]}
+    doc = {"date": date, "command": command, "passed": ok, "total_seconds": round(sum(s.seconds for s in steps), 1),
+           "environment": environment, "steps": [s.to_json() for s in steps]}
     json_path, md_path = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
     json_path.write_text(json.dumps(doc, indent=2, default=str) + "\n")
     md_path.write_text(markdown(doc))
     return [md_path, json_path]
 
 
+def cell(value) -> str:
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
 def markdown(doc: dict) -> str:
     env = doc["environment"]
     lines = [f"# gpu-check {doc['date']}: {env.get('device', '?')} - {'PASSED' if doc['passed'] else 'FAILED'}", "",
              f"Command: `{doc['command']}`", "", "| component | version |", "|---|---|"]
-    lines += [f"| {k} | {v} |" for k, v in env.items()]
+    lines += [f"| {k} | {cell(v)} |" for k, v in env.items()]
     lines += ["", "| step | result | seconds | summary |", "|---|---|---|---|"]
-    lines += [f"| {s['name']} | {s['status'].upper()} | {s['seconds']:.1f} | {s['summary']} |" for s in doc["steps"]]
+    lines += [f"| {s['name']} | {s['status'].upper()} | {s['seconds']:.1f} | {cell(s['summary'])} |"
+              for s in doc["steps"]]
     for s in doc["steps"]:
         lines += ["", f"## {s['name']}: {s['status'].upper()}", "", s["summary"]]
         if s["figures"]:
