@@ -30,6 +30,7 @@ from moe_llava.loading import LoadedModel
 from runtime.errors import UserError
 from runtime.generation import Pipeline
 from runtime.manifest import Manifest
+from runtime.ort_engine import import_onnxruntime
 from runtime.pipeline import load_pipeline
 
 from .calibset import torch_threads_for
@@ -151,7 +152,7 @@ def logit_cosine(loaded: LoadedModel, directory: Path, images, answers: list[dic
 # ---- router agreement ---------------------------------------------------------------------------
 def router_agreement(loaded: LoadedModel, directory: Path, pixels: np.ndarray) -> float:
     """Same top-k expert set per (token, MoE layer) in the export and in PyTorch, on one prefill."""
-    import onnxruntime as ort
+    ort = import_onnxruntime()  # one-line error without an ONNX Runtime package
     moes = loaded.model.moe_layers()
     if not moes:
         return 1.0

@@ -24,6 +24,7 @@ from moe_llava.loading import LoadedModel
 from runtime.errors import UserError
 from runtime.generation import Pipeline
 from runtime.manifest import Manifest
+from runtime.ort_engine import import_onnxruntime
 from runtime.pipeline import load_pipeline
 
 PROMPTS = ("What is in the image?", "Describe the image briefly.")
@@ -99,7 +100,7 @@ def _limit(reference: np.ndarray, tol: Tolerance) -> float:
 
 
 def part_errors(loaded: LoadedModel, directory: Path, pixels: np.ndarray) -> dict:
-    import onnxruntime as ort
+    ort = import_onnxruntime()  # one-line error without an ONNX Runtime package
     manifest = Manifest.load(directory)
     tol = TOLERANCES[manifest.precision]
     model = loaded.model
@@ -149,7 +150,7 @@ def decoder_errors(loaded, manifest, session, visual: np.ndarray, tol: Tolerance
 
 def router_agreement(loaded: LoadedModel, directory: Path, pixels: np.ndarray) -> float:
     """Same top-k expert set per (token, MoE layer) in ONNX Runtime and PyTorch, on one prefill."""
-    import onnxruntime as ort
+    ort = import_onnxruntime()  # one-line error without an ONNX Runtime package
     moes = loaded.model.moe_layers()
     if not moes:
         return 1.0
