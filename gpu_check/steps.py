@@ -24,5 +24,7 @@ STEPS = [
     Step("memcheck", "gpu_check.lifecycle:run_memcheck", 200, "the lifecycle driver under compute-sanitizer memcheck"),
     Step("racecheck", "gpu_check.lifecycle:run_racecheck", 240,
          "the lifecycle driver under compute-sanitizer racecheck"),
+    Step("bench-cuda", "gpu_check.bench_cuda:run", 180,
+         "moe-bench --device cuda on the demo model (PyTorch fp16; ONNX Runtime CUDA where onnxruntime-gpu is)"),
 ]
 BY_NAME = {s.name: s for s in STEPS}
