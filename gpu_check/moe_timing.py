@@ -41,7 +41,7 @@ def stablelm_layer(torch):
 
 def time_tokens(torch, ext, layer, T: int, peak: float | None) -> dict:
     s = MODELS["stablelm"]
-    x = torch.randn(T, s.H, device="cuda", generator=torch.Generator("cuda").manual_seed(T)).half()
+    x = torch.randn(T, s.H, device="cuda", generator=torch.Generator(device="cuda").manual_seed(T)).half()
 
     def plugin():
         return ext.moe_forward(x, layer.router_logits(x), layer.fc1_weight, None, layer.fc2_weight, None,
