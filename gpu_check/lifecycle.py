@@ -134,9 +134,13 @@ def run_case(case: Case, prefix: list, timeout: float) -> dict:
         failed = [line for line in res.stdout.splitlines() if "FAILED" in line or "ERROR" in line][:3]
         raise StepFailed(f"{case.name}: exit status {res.returncode}: " + ("; ".join(failed) or "see the log"))
     figures = check_outputs(case, moe, work)
-    ws = [line.split()[1] for line in res.stdout.splitlines() if line.startswith("workspace_bytes")]
+    lines = res.stdout.splitlines()
+    ws = [line.split()[1] for line in lines if line.startswith("workspace_bytes")]
     if ws:
         figures["workspace_bytes"] = int(ws[0])
+    summaries = [line.strip("= ").strip() for line in lines if "SUMMARY" in line]  # compute-sanitizer's totals
+    if summaries:
+        figures["sanitizer"] = summaries
     return figures
 
 
