@@ -140,3 +140,14 @@ def test_kernel_sweep_counts_come_from_junit(tmp_path):
         '<testcase name="a"><skipped message="no CUDA GPU"/></testcase></testsuite></testsuites>')
     assert junit_counts(tmp_path / "j.xml") == {"tests": 5, "failures": 1, "errors": 0, "skipped": 1, "passed": 3}
     assert skip_reasons(tmp_path / "j.xml") == ["no CUDA GPU"]
+
+
+def test_every_real_step_names_an_importable_function():
+    """A typo in a step's target would only show on the GPU machine; importing costs nothing here."""
+    import importlib
+
+    from gpu_check.steps import STEPS
+    for step in STEPS:
+        module, function = step.target.split(":")
+        assert callable(getattr(importlib.import_module(module), function)), step.target
+    assert len({s.name for s in STEPS}) == len(STEPS)
