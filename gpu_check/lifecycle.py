@@ -105,7 +105,7 @@ def driver_command(case: Case, work: Path) -> list:
 
 
 def check_outputs(case: Case, moe, work: Path) -> dict:
-    """Every output against the reference (whether the graph replay is bit-identical to eager is reported). -> figures"""
+    """Every output against the reference (graph replay bit-identical to eager: reported). -> figures"""
     ref = import_plugin_reference()
     expected = ref.reference_moe(moe)[0]
     outs = {}
