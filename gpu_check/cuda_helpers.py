@@ -88,7 +88,8 @@ def check_out_of_memory(cuda: Cuda, figures: dict) -> None:
 
 def run() -> tuple[str, dict]:
     rt = import_cudart()
-    figures = {"cuda_runtime_version": rt.cudaRuntimeGetVersion()[1], "cuda_driver_version": rt.cudaDriverGetVersion()[1]}
+    figures = {"cuda_runtime_version": rt.cudaRuntimeGetVersion()[1],
+               "cuda_driver_version": rt.cudaDriverGetVersion()[1]}
     cuda = Cuda(rt)
     (major, minor), name = cuda.compute_capability()
     figures.update(device=name, compute_capability=f"{major}.{minor}")

@@ -1,7 +1,8 @@
 """`moe-bench`: the runtime against PyTorch eager on the same model, image, prompt and thread count.
 
     moe-bench --model DIR|demo [--engine-dir DIR | --moe-impl {ort,portable}] [--device auto|cpu|cuda]
-              [--backends pytorch,onnxruntime|tensorrt] [--runs N] [--warmup N] [--max-new-tokens N] [--threads N] [--image PATH] [--prompt TEXT] [--json PATH] [--plot PATH]
+              [--backends pytorch,onnxruntime|tensorrt] [--runs N] [--warmup N] [--max-new-tokens N] [--threads N]
+              [--image PATH] [--prompt TEXT] [--json PATH] [--plot PATH]
               [--scale-experts 4,8,16 [--scale-preset small] [--scale-dir DIR]]
 
 Without --engine-dir the model is exported (--moe-impl ort by default, fp32 - fp16 on CUDA -, no validation) into a
