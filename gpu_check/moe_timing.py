@@ -11,6 +11,7 @@ from benchmarks.plugin_kernels import MODELS, median_ms, peak_gbps
 from gpu_check.common import PLUGIN_DIR, PLUGIN_TESTS, StepFailed
 
 TOKENS = (1, 577)
+DEVICE = "cuda"  # a module constant so a dry run can point the step at the CPU with stand-in kernels
 ITERS = {1: 200, 577: 50}
 TOLERANCE = 2e-2  # of the O(1) output scale: both sides round intermediates to fp16 (~1e-3 expected)
 
@@ -29,7 +30,7 @@ def stablelm_layer(torch):
 
     s = MODELS["stablelm"]
     layer = MoELayer(hidden_size=s.H, ffn_size=s.I, num_experts=s.E, top_k=s.K, activation="swiglu", bias=False)
-    layer = layer.eval().cuda()
+    layer = layer.eval().to(DEVICE)
     with torch.no_grad():  # ~1/sqrt(fan_in) weights keep the output O(1), so the tolerance is relative to 1
         layer.fc1_weight.normal_(0.0, s.H**-0.5)
         layer.fc2_weight.normal_(0.0, s.I**-0.5)
@@ -41,7 +42,7 @@ def stablelm_layer(torch):
 
 def time_tokens(torch, ext, layer, T: int, peak: float | None) -> dict:
     s = MODELS["stablelm"]
-    x = torch.randn(T, s.H, device="cuda", generator=torch.Generator(device="cuda").manual_seed(T)).half()
+    x = torch.randn(T, s.H, device=DEVICE, generator=torch.Generator(device=DEVICE).manual_seed(T)).half()
 
     def plugin():
         return ext.moe_forward(x, layer.router_logits(x), layer.fc1_weight, None, layer.fc2_weight, None,
