@@ -12,7 +12,7 @@ DEMO_MODEL := out/random-demo
 DEMO_IMAGE := tests/assets/shapes_96x60.png
 endif
 
-.PHONY: install demo test clean
+.PHONY: install demo test gpu-check clean
 
 install: $(STAMP)
 
@@ -35,6 +35,13 @@ endif
 
 test: install
 	$(PY) -m pytest -q
+
+# The GPU verification run (not part of `make test`): kernel sweep, plugin life cycle under compute-sanitizer,
+# CUDA helpers, MoE-layer timing; writes docs/gpu-check/<date>-<device>.md|.json (GPU_CHECK_ARGS="--out DIR
+# --only kernels,..."). Uses the venv when there is one, else python3 (a GPU machine with its own torch).
+GPU_PY ?= $(if $(wildcard $(PY)),$(PY),python3)
+gpu-check:
+	PYTHONPATH=$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} $(GPU_PY) -m gpu_check $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) build out *.egg-info

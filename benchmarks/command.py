@@ -1,10 +1,14 @@
 """`moe-bench`: the runtime against PyTorch eager on the same model, image, prompt and thread count.
 
-    moe-bench --model DIR|demo [--engine-dir DIR | --moe-impl {ort,portable}]
-              [--backends pytorch,onnxruntime] [--runs N] [--warmup N] [--max-new-tokens N] [--threads N] [--image PATH] [--prompt TEXT] [--json PATH] [--plot PATH]
+    moe-bench --model DIR|demo [--engine-dir DIR | --moe-impl {ort,portable}] [--device auto|cpu|cuda]
+              [--backends pytorch,onnxruntime|tensorrt] [--runs N] [--warmup N] [--max-new-tokens N] [--threads N]
+              [--image PATH] [--prompt TEXT] [--json PATH] [--plot PATH]
               [--scale-experts 4,8,16 [--scale-preset small] [--scale-dir DIR]]
 
-Without --engine-dir the model is exported (--moe-impl ort by default, fp32, no validation) into a temp dir first.
+Without --engine-dir the model is exported (--moe-impl ort by default, fp32 - fp16 on CUDA -, no validation) into a
+temp dir first. Both sides run on one device (see cuda_device.py): on CUDA, PyTorch eager fp16 against the
+runtime on ONNX Runtime's CUDA provider (or TensorRT engines, --backends pytorch,tensorrt --engine-dir DIR), every
+lap CUDA-synchronised, the roofline against the GPU's measured DRAM bandwidth.
 JSON: {"model", "settings", "pytorch": {vision_ms, projector_ms, ttft_ms, decode_tok_s, peak_rss_mb, preprocess_ms,
 prefill_ms, decode_ms_per_token, load_s, spread, ...}, "runtime": {...}, "runtime_backend", "speedup": {ttft,
 decode, vision, peak_rss_ratio}, "agreement", "machine", "roofline", "scaling" (with --scale-experts)}.
@@ -22,7 +26,7 @@ from pathlib import Path
 from runtime.errors import UserError
 
 from .machine import busy_warning, load_average, machine_info
-from .measure import BACKENDS, WorkerSpec, measure_interleaved
+from .measure import BACKENDS, RUNTIME_BACKENDS, WorkerSpec, measure_interleaved
 from .report import log as _log
 from .report import progress as _progress
 from .roofline import ITEMSIZE, achieved, decode_weight_bytes, measure_bandwidth, median_bandwidth
@@ -43,6 +47,7 @@ class BenchOptions:
     image: str | None = None
     prompt: str = DEFAULT_PROMPT
     moe_impl: str = "ort"  # lowering of the temp export (no --engine-dir)
+    device: str = "cpu"    # resolved: "cpu" | "cuda", for every side
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,7 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--moe-impl", choices=["ort", "portable"], default="ort",
                    help="MoE lowering of that temp export (com.microsoft.MoE or standard ONNX ops)")
     p.add_argument("--backends", type=_backend_list, default=list(BACKENDS),
-                   help=f"comma-separated subset of {','.join(BACKENDS)} (default: both)")
+                   help="comma-separated: pytorch and one runtime, onnxruntime or tensorrt (default: "
+                        "pytorch,onnxruntime; tensorrt needs --engine-dir with TensorRT engines)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="where both sides run: auto (default) = CUDA when every backend can use a GPU here, "
+                        "else CPU; cuda = PyTorch eager fp16 vs the runtime on CUDA (refused where absent)")
     p.add_argument("--runs", type=int, default=5, help="measured runs per backend (medians are reported)")
     p.add_argument("--warmup", type=int, default=1, help="unmeasured runs per backend first")
     p.add_argument("--max-new-tokens", type=int, default=32,
@@ -79,9 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _backend_list(text: str) -> list[str]:
     names = [t.strip() for t in text.split(",") if t.strip()]
-    bad = [n for n in names if n not in BACKENDS]
+    known = ("pytorch", *RUNTIME_BACKENDS)
+    bad = [n for n in names if n not in known]
     if bad or not names:
-        raise argparse.ArgumentTypeError(f"unknown backend(s) {bad}; choose from {','.join(BACKENDS)}")
+        raise argparse.ArgumentTypeError(f"unknown backend(s) {bad}; choose from {','.join(known)}")
+    if all(r in names for r in RUNTIME_BACKENDS):
+        raise argparse.ArgumentTypeError("time one runtime per run: onnxruntime or tensorrt")
     return list(dict.fromkeys(names))
 
 
@@ -108,9 +120,10 @@ def main(args: argparse.Namespace) -> int:
     report = {}
     if args.model or args.engine_dir:
         from .report import bench_table
+        device = _device(args)
         report = bench_model(BenchOptions(args.model, args.engine_dir, tuple(args.backends), args.runs, args.warmup,
                                           args.max_new_tokens, args.threads, args.image, args.prompt,
-                                          args.moe_impl))
+                                          args.moe_impl, device))
         print(bench_table(report))
     if args.scale_experts:
         _scaling(args, report)
@@ -134,12 +147,26 @@ def _scaling(args: argparse.Namespace, report: dict) -> None:
         print(busy_warning(report["machine"]))
 
 
+def _device(args: argparse.Namespace) -> str:
+    """The one device of every side, announced on stderr."""
+    from runtime.device import Device
+
+    from .cuda_device import choose_bench_device
+    device = choose_bench_device(Device(args.device), list(args.backends)).value
+    _log(f"device: {device} for {', '.join(args.backends)} (--device {args.device})")
+    return device
+
+
 def _check(args: argparse.Namespace) -> None:
     if not (args.model or args.engine_dir or args.scale_experts or args.precisions):
         raise UserError("give --model (a checkpoint directory or 'demo'), --engine-dir, --scale-experts or "
                         "--precisions")
     if "pytorch" in args.backends and args.engine_dir and not args.model:
         raise UserError("the pytorch backend needs --model; pass it or use --backends onnxruntime")
+    if "tensorrt" in args.backends and not args.engine_dir:
+        raise UserError("the tensorrt backend needs --engine-dir with TensorRT engines (moe-export --target tensorrt)")
+    if args.device == "cuda" and (args.scale_experts or args.precisions):
+        raise UserError("--scale-experts and --precisions run on the CPU only; drop --device cuda")
     for name, value, least in (("--runs", args.runs, 1), ("--warmup", args.warmup, 0),
                                ("--max-new-tokens", args.max_new_tokens, 2), ("--threads", args.threads, 1)):
         if value < least:
@@ -155,40 +182,48 @@ def bench_model(o: BenchOptions) -> dict:
     with tempfile.TemporaryDirectory(prefix="moe-bench-") as tmp:
         engine_dir = o.engine_dir
         if "onnxruntime" in o.backends and engine_dir is None:
-            engine_dir = _export(o.model, Path(tmp) / "engine", o.moe_impl)
+            engine_dir = _export(o.model, Path(tmp) / "engine", o.moe_impl, "fp16" if o.device == "cuda" else "fp32")
         manifest = _manifest(engine_dir) if engine_dir else None
         precision, moe_impl = (manifest.precision, manifest.moe_impl) if manifest else ("fp32", None)
         results, bandwidth = _measure(o, engine_dir)
     report = {"model": _model_info(config, source, o.engine_dir, precision, moe_impl),
               "settings": {"runs": o.runs, "warmup": o.warmup, "max_new_tokens": o.new_tokens,
                            "decode_steps": o.new_tokens - 1, "threads": o.threads, "prompt": o.prompt,
-                           "image": o.image or "synthetic 448x336"},
+                           "image": o.image or "synthetic 448x336", "device": o.device,
+                           "pytorch_dtype": "fp16" if o.device == "cuda" else "fp32"},
               **results, "machine": machine_info(o.threads, load_before)}
-    if "onnxruntime" in o.backends:
-        report["runtime_backend"] = "onnxruntime"
+    runtime = [b for b in o.backends if b in RUNTIME_BACKENDS]
+    if runtime:
+        report["runtime_backend"] = runtime[0]
     if len(results) == 2:
         report["speedup"] = _speedup(results["pytorch"], results["runtime"])
         report["agreement"] = {"greedy_tokens": _agreement(results["pytorch"]["token_ids"],
                                                            results["runtime"]["token_ids"])}
-    report["roofline"] = _roofline(config, precision, bandwidth, results)
-    report["model"].update(params_total=report["roofline"]["params_total"],
-                           params_active=report["roofline"]["params_active"])
+    if bandwidth is not None:  # None: CUDA without a CUDA build of torch to probe the GPU with
+        report["roofline"] = _roofline(config, precision, bandwidth, results, 2 if o.device == "cuda" else 4)
+    fp32 = decode_weight_bytes(config, 4)
+    report["model"].update(params_total=fp32.params_total, params_active=fp32.params_active)
     return report
 
 
-def _measure(o: BenchOptions, engine_dir) -> tuple[dict[str, dict], dict]:
-    """Interleaved rounds of every backend, with a copy-bandwidth probe between rounds (it drifts with the load
-    as the timings do, so % of roofline compares like with like)."""
-    probes = [measure_bandwidth(o.threads)]
+def _measure(o: BenchOptions, engine_dir) -> tuple[dict[str, dict], dict | None]:
+    """Interleaved rounds of every backend. On the CPU a copy-bandwidth probe runs between rounds (it drifts with
+    the load as the timings do, so % of roofline compares like with like); on CUDA the GPU is probed once."""
+    cpu = o.device == "cpu"
+    probes = [measure_bandwidth(o.threads)] if cpu else []
 
     def between_rounds(done: int, total: int) -> None:
-        probes.append(measure_bandwidth(o.threads, repeats=3))
+        if cpu:
+            probes.append(measure_bandwidth(o.threads, repeats=3))
         _progress(done, total)
     specs = {_side(b): WorkerSpec(b, o.model if b == "pytorch" else str(engine_dir), o.prompt, o.new_tokens,
-                                  o.threads, o.image) for b in o.backends}
-    _log(f"measuring {', '.join(o.backends)}: {o.warmup} + {o.runs} interleaved rounds")
+                                  o.threads, o.image, o.device) for b in o.backends}
+    _log(f"measuring {', '.join(o.backends)} on {o.device}: {o.warmup} + {o.runs} interleaved rounds")
     results = measure_interleaved(specs, o.warmup, o.runs, between_rounds)
-    return results, median_bandwidth(probes)
+    if cpu:
+        return results, median_bandwidth(probes)
+    from .cuda_device import cuda_bandwidth
+    return results, cuda_bandwidth()
 
 
 def _model_config(o: BenchOptions):
@@ -201,10 +236,11 @@ def _model_config(o: BenchOptions):
     return MoELlavaConfig.from_dict(Manifest.load(o.engine_dir).config), str(o.engine_dir)
 
 
-def _export(model: str, out: Path, moe_impl: str) -> Path:
+def _export(model: str, out: Path, moe_impl: str, precision: str) -> Path:
     from export.onnx_export import export_onnx
-    _log(f"exporting {model} to a temp dir (--moe-impl {moe_impl}, fp32; pass --engine-dir to reuse an export)")
-    return export_onnx(model, out, moe_impl, "fp32", validate=False)
+    _log(f"exporting {model} to a temp dir (--moe-impl {moe_impl}, {precision}; pass --engine-dir to reuse an "
+         "export)")
+    return export_onnx(model, out, moe_impl, precision, validate=False)
 
 
 def _manifest(engine_dir):
@@ -237,9 +273,10 @@ def _agreement(a: list[int], b: list[int]) -> float:
     return same / max(len(a), len(b), 1)
 
 
-def _roofline(config, precision: str, bandwidth: dict, results: dict[str, dict]) -> dict:
+def _roofline(config, precision: str, bandwidth: dict, results: dict[str, dict], torch_itemsize: int) -> dict:
+    """`torch_itemsize`: bytes per weight of the PyTorch side (4 on the CPU, 2 for fp16 on CUDA)."""
     fp32 = decode_weight_bytes(config, 4)
-    sizes = {"pytorch": fp32.total}
+    sizes = {"pytorch": decode_weight_bytes(config, torch_itemsize).total}
     if "runtime" in results and precision in ITEMSIZE:  # int8/int4 exports: no simple byte count
         sizes["runtime"] = decode_weight_bytes(config, ITEMSIZE[precision]).total
     figures = {side: achieved(sizes[side], bandwidth["gbs"], results[side]["decode_tok_s"])

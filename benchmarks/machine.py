@@ -41,7 +41,7 @@ def load_average() -> float | None:
 
 def _versions() -> dict[str, str]:
     out = {}
-    for name in ("numpy", "onnxruntime", "torch", "transformers"):
+    for name in ("numpy", "onnxruntime", "onnxruntime-gpu", "torch", "transformers"):
         try:
             out[name] = version(name)
         except PackageNotFoundError:
@@ -59,7 +59,7 @@ def busy_warning(machine: dict) -> str | None:
 
 
 def _gpu_name() -> str | None:
-    """Named for the record only: both sides run on the CPU (onnxruntime's CPU provider, eager CPU PyTorch)."""
+    """The GPU torch sees, for the record (settings.device says whether the bench ran on it)."""
     try:
         import torch
         return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None

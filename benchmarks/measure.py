@@ -28,7 +28,8 @@ import numpy as np
 
 from runtime.errors import UserError
 
-BACKENDS = ("pytorch", "onnxruntime")
+BACKENDS = ("pytorch", "onnxruntime")  # the default pair
+RUNTIME_BACKENDS = ("onnxruntime", "tensorrt")  # the "runtime" side: one of these per run
 METRICS = ("preprocess_ms", "vision_ms", "projector_ms", "prefill_ms", "ttft_ms", "decode_ms_per_token",
            "decode_tok_s")
 SETTLE_S = 0.02  # pause between runs so a finished side's spinning threads stop before the next side starts
@@ -36,20 +37,22 @@ SETTLE_S = 0.02  # pause between runs so a finished side's spinning threads stop
 
 @dataclass(frozen=True)
 class WorkerSpec:
-    backend: str          # "pytorch" | "onnxruntime"
-    source: str           # checkpoint dir or 'demo' (pytorch), export dir (onnxruntime)
+    backend: str          # "pytorch" | "onnxruntime" | "tensorrt"
+    source: str           # checkpoint dir or 'demo' (pytorch), export dir (onnxruntime, tensorrt)
     prompt: str
     new_tokens: int       # tokens generated per run: 1 from prefill + new_tokens - 1 decode steps
     threads: int
     image: str | None = None  # None: a fixed synthetic picture
+    device: str = "cpu"   # "cpu" | "cuda" (PyTorch eager fp16 there)
 
 
 # ---- worker side ------------------------------------------------------------------------------------
 class Side:
-    """A loaded backend: the Pipeline (prompt building, engine) plus the vision tower and projector apart."""
+    """A loaded backend: the Pipeline (prompt building, engine) plus the vision tower and projector apart.
+    `sync` waits for the device before each lap (a no-op where results come back as host arrays)."""
 
-    def __init__(self, pipeline, vision, projector):
-        self.pipeline, self.vision, self.projector = pipeline, vision, projector
+    def __init__(self, pipeline, vision, projector, sync=lambda: None):
+        self.pipeline, self.vision, self.projector, self.sync = pipeline, vision, projector, sync
 
     def run(self, image, prompt: str, new_tokens: int) -> dict:
         """`image`: a path (read in every run, as moe-run does) or a PIL image."""
@@ -59,6 +62,7 @@ class Side:
 
         def lap(name: str) -> None:
             nonlocal last
+            self.sync()
             now = time.perf_counter()
             times[name], last = (now - last) * 1e3, now
         pixels = p.preprocess(load_image(image) if isinstance(image, str) else image)[None]  # [1,3,h,w]
@@ -82,7 +86,8 @@ class Side:
 
 
 def open_side(spec: WorkerSpec) -> Side:
-    return _open_pytorch(spec) if spec.backend == "pytorch" else _open_onnxruntime(spec)
+    openers = {"pytorch": _open_pytorch, "onnxruntime": _open_onnxruntime, "tensorrt": _open_tensorrt}
+    return openers[spec.backend](spec)
 
 
 def _open_pytorch(spec: WorkerSpec) -> Side:
@@ -90,26 +95,35 @@ def _open_pytorch(spec: WorkerSpec) -> Side:
 
     from moe_llava.inference import torch_pipeline
     torch.set_num_threads(spec.threads)
-    pipeline = torch_pipeline(spec.source)
-    model = pipeline.engine.model
+    cuda = spec.device == "cuda"
+    pipeline = torch_pipeline(spec.source, device=spec.device, dtype=torch.float16 if cuda else torch.float32)
+    engine = pipeline.engine
+    model = engine.model
 
     @torch.inference_mode()
     def vision(pixels: np.ndarray):
-        return model.vision_tower(torch.from_numpy(pixels))
+        return model.vision_tower(torch.from_numpy(pixels).to(engine.device, engine.vision_dtype))
 
     @torch.inference_mode()
     def projector(features) -> np.ndarray:
-        return model.projector(features).float().numpy()
-    return Side(pipeline, vision, projector)
+        return model.projector(features).float().cpu().numpy()
+    return Side(pipeline, vision, projector, torch.cuda.synchronize if cuda else lambda: None)
 
 
 def _open_onnxruntime(spec: WorkerSpec) -> Side:
-    from runtime.pipeline import load_pipeline
-    pipeline = load_pipeline(spec.source, backend="onnxruntime", threads=spec.threads)
+    from runtime.device import Device, open_runtime
+    pipeline, _ = open_runtime(spec.source, "onnxruntime", Device(spec.device), "moe-bench worker", spec.threads)
     sessions = pipeline.engine.sessions
     vision = lambda pixels: sessions["vision"].run(pixel_values=pixels)[0]           # noqa: E731
     projector = lambda features: sessions["projector"].run(image_features=features)[0].astype(np.float32)  # noqa: E731
     return Side(pipeline, vision, projector)
+
+
+def _open_tensorrt(spec: WorkerSpec) -> Side:
+    """The TensorRT engines' image encoder runs tower and projector in one go: vision_ms holds both."""
+    from runtime.device import Device, open_runtime
+    pipeline, _ = open_runtime(spec.source, "tensorrt", Device.CUDA, "moe-bench worker")
+    return Side(pipeline, pipeline.engine.encode_images, lambda visual: visual)
 
 
 def synthetic_image():

@@ -41,7 +41,7 @@ def bench_table(report: dict) -> str:
     head = (f"moe-bench {m['source']}: {m['model_type']}, {m['layers']} layers, hidden {m['hidden']}, "
             f"E={m['experts']} k={m['top_k']}, {m['params_total'] / 1e6:.1f}M LM params "
             f"({m['params_active'] / 1e6:.1f}M active){', MoE ' + m['moe_impl'] if m.get('moe_impl') else ''} | "
-            f"{s['threads']} threads, median of {s['runs']} runs "
+            f"{s.get('device', 'cpu')}, {s['threads']} threads, median of {s['runs']} runs "
             f"after {s['warmup']} warm-up, prompt {report[sides[0]]['prompt_tokens']} positions, "
             f"{s['decode_steps']} decode steps")
     rows = [("preprocess ms", "preprocess_ms", "{:.2f}", False), ("vision encode ms", "vision_ms", "{:.2f}", False),
@@ -57,7 +57,7 @@ def bench_table(report: dict) -> str:
         lines.append(f"{'% of decode roofline':28}" + "".join(f"{roof['pct_of_roofline'][x]:>13.1f}%" for x in sides)
                      + f"   ceiling {min(roof['ceiling_tok_s'].values()):.1f} tok/s at "
                      f"{roof['bandwidth_gbs']:.1f} GB/s copy")
-        lines.append(f"{'% of a numpy GEMV read rate':28}"
+        lines.append(f"{'% of a GEMV read rate':28}"
                      + "".join(f"{roof['pct_of_gemv_read'][x]:>13.1f}%" for x in sides)
                      + f"   GEMV reads {roof['bandwidth']['gemv_read_gbs']:.1f} GB/s")
     rss = "".join(f"{report[x]['peak_rss_mb']:>14.0f}" for x in sides)

@@ -21,6 +21,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vision-tower", help="local CLIP/SigLIP directory overriding the config's mm_image_tower")
     p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt"],
                    help="engine library for --engine-dir")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="auto (default): CUDA when the engine library can use a GPU here (onnxruntime-gpu, a CUDA "
+                        "build of torch; TensorRT always), else the CPU; stderr says which runs")
     p.add_argument("--json", action="store_true", help="print one JSON object (text, token_ids, timings) last")
     return p
 
@@ -29,12 +32,16 @@ def main(args: argparse.Namespace) -> int:
     from runtime.cli_output import run_to_stdout
     if args.max_new_tokens < 1:
         raise UserError("--max-new-tokens must be at least 1")
+    from runtime.device import Device
     if args.engine_dir:
-        from runtime.pipeline import load_pipeline
-        pipeline = load_pipeline(args.engine_dir, backend=args.backend)
+        from runtime.device import open_runtime
+        pipeline, _ = open_runtime(args.engine_dir, args.backend, Device(args.device), "moe-run")
     else:
         from moe_llava.inference import torch_pipeline
-        pipeline = torch_pipeline(args.model, vision_tower=args.vision_tower)
+        from moe_llava.torch_device import choose_torch
+        choice = choose_torch(Device(args.device))
+        pipeline = torch_pipeline(args.model, vision_tower=args.vision_tower, device=choice.device.value)
+        choice.announce("moe-run")
     with pipeline:
         return run_to_stdout(pipeline, args.image, args.prompt, args.max_new_tokens, args.temperature,
                              args.top_p, args.seed, args.json)

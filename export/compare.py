@@ -67,7 +67,8 @@ def decoder_feed(manifest: Manifest, embeds: np.ndarray) -> dict[str, np.ndarray
 
 # ---- per-part errors ----------------------------------------------------------------------------
 def _session(path: Path):
-    import onnxruntime as ort
+    from runtime.ort_engine import import_onnxruntime
+    ort = import_onnxruntime()  # one-line error without an ONNX Runtime package
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
 

@@ -159,9 +159,12 @@ def build_manifest(loaded: LoadedModel, directory: Path, parts: dict[str, PartSp
 
 
 def _versions() -> dict[str, str]:
-    import onnxruntime
-    import transformers
     from importlib.metadata import version
+
+    import transformers
+
+    from runtime.ort_engine import import_onnxruntime
+    onnxruntime = import_onnxruntime()  # one-line error without an ONNX Runtime package
     return {"moe-llava-edge": version("moe-llava-edge"), "torch": torch.__version__,
             "transformers": transformers.__version__, "onnx": onnx.__version__,
             "onnxruntime": onnxruntime.__version__, "opset": str(OPSET)}

@@ -10,33 +10,37 @@ from .model import MoELlavaForCausalLM
 
 
 class TorchEngine:
-    def __init__(self, model: MoELlavaForCausalLM):
-        self.model = model.eval()
+    def __init__(self, model: MoELlavaForCausalLM, device: str | torch.device = "cpu"):
+        self.device = torch.device(device)
+        self.model = model.eval().to(self.device)
         self.hidden_size = model.config.hidden_size
         self.dtype = next(model.language_model.parameters()).dtype
+        self.vision_dtype = next(model.vision_tower.parameters()).dtype
         self.cache: DynamicCache | None = None
 
     @torch.inference_mode()
     def encode_images(self, pixel_values: np.ndarray) -> np.ndarray:
-        return self.model.encode_images(torch.from_numpy(pixel_values)).float().numpy()   # [N,P,H]
+        pixels = torch.from_numpy(pixel_values).to(self.device, self.vision_dtype)
+        return self.model.encode_images(pixels).float().cpu().numpy()                   # [N,P,H]
 
     @torch.inference_mode()
     def embed_tokens(self, token_ids: np.ndarray) -> np.ndarray:
-        return self.model.embed_tokens(torch.from_numpy(token_ids)).float().numpy()       # [S,H]
+        ids = torch.from_numpy(token_ids).to(self.device)
+        return self.model.embed_tokens(ids).float().cpu().numpy()                         # [S,H]
 
     @torch.inference_mode()
     def prefill(self, inputs_embeds: np.ndarray) -> np.ndarray:
         self.cache = DynamicCache(config=self.model.language_model.config)
-        return self._step(torch.from_numpy(inputs_embeds).to(self.dtype)[None])          # [1,S,H]
+        return self._step(torch.from_numpy(inputs_embeds).to(self.device, self.dtype)[None])  # [1,S,H]
 
     @torch.inference_mode()
     def decode(self, token_id: int) -> np.ndarray:
-        embeds = self.model.embed_tokens(torch.tensor([[token_id]]))                     # [1,1,H]
+        embeds = self.model.embed_tokens(torch.tensor([[token_id]], device=self.device))  # [1,1,H]
         return self._step(embeds)
 
     def _step(self, embeds: torch.Tensor) -> np.ndarray:
         logits, self.cache = self.model.decode_embeds(embeds, past_key_values=self.cache, use_cache=True)
-        return logits[0, -1].float().numpy()                                              # [V]
+        return logits[0, -1].float().cpu().numpy()                                        # [V]
 
     def close(self) -> None:
         self.cache = None

@@ -24,8 +24,8 @@ def import_onnxruntime():
     try:
         import onnxruntime
     except ImportError:
-        raise UserError("onnxruntime is not installed: pip install onnxruntime "
-                        "(or onnxruntime-gpu for CUDA)") from None
+        raise UserError("onnxruntime is not installed: pip install onnxruntime (the '.[cpu]' or '.[runtime]' "
+                        "extra), or onnxruntime-gpu for CUDA ('.[gpu]'; Jetson: docs/jetson.md)") from None
     return onnxruntime
 
 

@@ -48,6 +48,7 @@ def test_one_run_bench_writes_the_documented_json_and_a_png(inputs, tmp_path, mo
     assert roof["breakdown"]["experts_active"] < roof["breakdown"]["experts_total"]
     assert set(roof["pct_of_roofline"]) == {"pytorch", "runtime"}
     assert report["machine"]["threads"] == 1 and report["settings"]["decode_steps"] == 2
+    assert report["settings"]["device"] == "cpu" and report["runtime_backend"] == "onnxruntime"
     assert out_png.read_bytes().startswith(PNG)
     table = capsys.readouterr().out
     assert "% of decode roofline" in table and "decode weight GB/s" in table and "peak RSS MB" in table
@@ -80,6 +81,16 @@ def test_bad_arguments_are_one_line_errors(inputs, argv, message, capsys):
     model = [] if message is None else ["--model", str(inputs / "model")]
     assert bench_main(model + argv) == 2
     assert (message or "give --model") in capsys.readouterr().err
+
+
+def test_device_cuda_without_a_gpu_is_one_line(inputs, capsys):
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
+    assert bench_main(["--model", str(inputs / "model"), "--engine-dir", str(inputs / "engine"),
+                       "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --device cuda: torch") and err.count("\n") == 1
 
 
 def test_unknown_backend_is_rejected_by_the_parser():
