@@ -3,7 +3,8 @@
 The experts are quantised by calibration/blockwise.py (the quantiser the exporter uses) and the reference runs the
 float64 MoE on its dequantised weights, so what is checked is the kernels' reading of the packed layout (nibble
 order, group scales, centre 8) and their arithmetic - not the quantisation error, which both sides share.
-Every activation x E in {4, 8, 16} x T in {1, 7, 577}: T 1 and 7 take the decode kernel, 577 the tensor-core tiles.
+Every activation x E in {4, 8, 16} x T in {1, 7, 577}: T 1 and 7 take the decode kernel, 577 the tensor-core tiles;
+group sizes 32, 64 and 128 on both paths.
 """
 
 from __future__ import annotations
@@ -64,26 +65,28 @@ def run_int4(driver, tmp_path, case: MoeCase, group: int, path: str = "auto"):
 @pytest.mark.parametrize("E", [4, 8, 16])
 @pytest.mark.parametrize("T", [1, 7, 577])
 def test_int4_experts_match_reference(driver, tmp_path, T, E, activation):
-    case = MoeCase(T, E, 2, 128, 64, activation, "float16", seed=T * 7 + E)
-    out, ref = run_int4(driver, tmp_path, case, group=64)
+    # H = 64, I = 32, group 32: two groups per fc1 row, one per fc2 row; small, as the emulation runs every thread
+    # (the T = 577 cases take ~2 s of CPU each).
+    case = MoeCase(T, E, 2, 64, 32, activation, "float16", seed=T * 7 + E)
+    out, ref = run_int4(driver, tmp_path, case, group=32)
     assert_close_to_reference(out, ref, "float16")
 
 
-@pytest.mark.parametrize("group", [32, 128])
+@pytest.mark.parametrize("group", [64, 128])
 @pytest.mark.parametrize("path", ["skinny", "tiled"])
 def test_group_sizes_and_forced_paths(driver, tmp_path, group, path):
-    # H = 256 and I = 128: several 32-weight loads per group (128) and several groups per row (32); T = 20 makes
-    # the skinny kernel walk row chunks of 8 and the tiles cover partial 64-row tiles.
-    case = MoeCase(20, 8, 2, 256, 128, "swiglu", "float16", seed=group)
+    # H = I = 128: several 32-weight loads per group and (group 64) two groups per row; T = 20 makes the skinny
+    # kernel walk row chunks of 8 and the tiles cover partial 64-row tiles.
+    case = MoeCase(20, 4, 2, 128, 128, "gelu_tanh", "float16", seed=group)
     out, ref = run_int4(driver, tmp_path, case, group=group, path=path)
     assert_close_to_reference(out, ref, "float16")
 
 
 def test_int4_differs_from_float_experts(driver, tmp_path):
     """The reference above is the dequantised model, not the float one: INT4 must move the output measurably
-    (group-64 RTN on Gaussian weights: ~10% relative weight error), so a kernel ignoring the codes would fail."""
-    case = MoeCase(3, 4, 2, 128, 64, "gelu_tanh", "float16", seed=5)
-    out, _ = run_int4(driver, tmp_path, case, group=64)
+    (group-32 RTN on Gaussian weights: ~10% relative weight error), so a kernel ignoring the codes would fail."""
+    case = MoeCase(3, 4, 2, 64, 32, "gelu_tanh", "float16", seed=5)
+    out, _ = run_int4(driver, tmp_path, case, group=32)
     float_ref, _, _ = reference_moe(case)
     rel = np.abs(out - float_ref).max() / np.abs(float_ref).max()
     assert 0.01 < rel < 0.5, rel
