@@ -74,12 +74,13 @@ def test_int4_stablelm_sized_layer(ext, T):
 
 
 def test_int4_output_tracks_fp16_experts(ext):
-    """Against the fp16 experts (not the dequantised ones) the INT4 output moves by the quantisation error only:
-    group-128 RTN of Gaussian weights keeps the output's cosine similarity with fp16 above 0.99."""
+    """Against the fp16 experts (not the dequantised ones) the INT4 output moves by the quantisation error only.
+    Group-128 round-to-nearest of Gaussian weights adds ~10% relative noise per matrix; through fc1, SwiGLU and fc2
+    that is a cosine similarity of 0.984-0.985 with fp16 (NumPy, same sizes, 3 seeds); 0.97 leaves margin."""
     out, x, _, _ = run_and_check(ext, 64, 8, 2, H=512, I=256, activation="swiglu", group=128)
     fp16, _, _ = ext.moe_forward(**x, top_k=2, activation=ACT["swiglu"])
     cos = torch.nn.functional.cosine_similarity(out.double().flatten(), fp16.double().flatten(), dim=0).item()
-    assert 0.99 < cos < 0.99999, cos  # < 1: the codes were really used
+    assert 0.97 < cos < 0.999, cos  # < 0.999: the codes were really used
 
 
 def test_int4_refuses_bad_group(ext):
