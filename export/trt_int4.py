@@ -36,11 +36,12 @@ class Int4Report:
     moe_nodes: int = 0          # plugin nodes with INT4 experts
     int4_matmuls: int = 0       # dense MatMuls with INT4 block-quantised weights
     int8_heads: int = 0         # LM heads with INT8 per-channel weights
-    float_matmuls: int = 0      # weight MatMuls left in float (routers; widths no group divides)
+    float_routers: int = 0      # router MatMuls, kept fp32 on purpose
+    float_matmuls: int = 0      # other weight MatMuls left in float (no group divides their K)
 
     def to_dict(self) -> dict:
-        return {"int4_moe_nodes": self.moe_nodes, "int4_matmuls": self.int4_matmuls,
-                "int8_heads": self.int8_heads, "float_matmuls": self.float_matmuls}
+        return {"int4_moe_nodes": self.moe_nodes, "int4_matmuls": self.int4_matmuls, "int8_heads": self.int8_heads,
+                "float_routers": self.float_routers, "float_matmuls": self.float_matmuls}
 
 
 def group_for(*widths: int) -> int | None:
@@ -51,23 +52,21 @@ def quantize_for_tensorrt(model: onnx.ModelProto) -> Int4Report:
     """In place: INT4 experts in the plugin nodes, INT4/INT8 weight-only dense MatMuls; the report says what."""
     report = Int4Report(moe_nodes=quantize_plugin_experts(model))
     routers = {n.name for n in router_nodes(model)}
+    report.float_routers = len(routers)
     gemm_to_matmul(model, skip=routers)
     heads = {n.name for n in output_heads(model)}
     inits, done = initializers(model), {}
     dq_nodes = []
-    for node in weight_nodes(model, ("MatMul",)):
+    for node in weight_nodes(model, ("MatMul",)):  # routers excluded
         weight = inits[node.input[1]]
-        if node.name in routers or len(weight.dims) != 2:
-            report.float_matmuls += 1
-            continue
         head = node.name in heads
         group = None if head else group_for(weight.dims[0])
-        if not head and group is None:
+        if len(weight.dims) != 2 or (not head and group is None):
             report.float_matmuls += 1
             continue
         if weight.name not in done:
-            node_, done[weight.name] = _dequantize_node(model, weight, group)
-            dq_nodes.append(node_)
+            dq, done[weight.name] = _dequantize_node(model, weight, group)
+            dq_nodes.append(dq)
         node.input[1] = done[weight.name]
         report.int8_heads += head
         report.int4_matmuls += not head
