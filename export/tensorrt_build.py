@@ -9,7 +9,9 @@
 
 TensorRT is imported before anything else, so without it nothing is read or written. OUT is assembled next to
 itself and renamed into place at the end: a failed build leaves nothing behind. Precision comes from the graph
-(strongly typed networks; TensorRT 11 has no precision flags): fp16 engines are built from an fp16 export.
+(strongly typed networks; TensorRT 11 has no precision flags): fp16 engines are built from an fp16 export;
+--precision int4 with the plugin lowering exports INT4 weight-only graphs (export/int4_export.py), int8 / fp8 (and
+int4 with other lowerings) ModelOpt Q/DQ graphs.
 Supports TensorRT 10.3 (JetPack 6) to 11.x; version differences are guarded where the API changed.
 """
 from __future__ import annotations
