@@ -103,3 +103,13 @@ def test_int4_graph_computes_the_dequantised_float_graph(activation):
 def test_group_prefers_128():
     assert group_for(2048, 5632) == 128 and group_for(2560, 10240) == 128
     assert group_for(64, 96) == 32 and group_for(64) == 64 and group_for(48) is None
+
+
+def test_experts_no_group_divides_are_refused():
+    from export.trt_int4 import quantize_plugin_experts
+    from runtime.errors import UserError
+    model = graph(weights(1), 1)
+    inits = {t.name: t for t in model.graph.initializer}
+    inits["fc2"].CopyFrom(numpy_helper.from_array(np.zeros((E, H, 40), np.float16), "fc2"))  # I = 40
+    with pytest.raises(UserError, match=r"expert width \(40\) to be multiples of 32.*--precision fp16"):
+        quantize_plugin_experts(model)
