@@ -184,7 +184,8 @@ def main(argv=None) -> None:
     name = torch.cuda.get_device_name()
     peak = peak_gbps(name, args.peak_gbps)
     print(f"{name} | {args.model}: H={shape.H} I={shape.I} E={shape.E} top-{shape.K} {args.dtype} | "
-          f"{args.weights} experts{f' g{group}' if group else ''} | path {args.path} | peak {peak or '?'} GB/s | median of {args.iters}")
+          f"{args.weights} experts{f' g{group}' if group else ''} | path {args.path} | peak {peak or '?'} GB/s | "
+          f"median of {args.iters}")
     print(f"{'T':>6} {'plugin ms':>10} {'torch ms':>10} {'speed-up':>9} {'experts':>8} {'MB read':>9} "
           f"{'GB/s':>8} {'% peak':>7} {'TFLOP/s':>8} {'max|diff|':>10}")
     for T in args.tokens:

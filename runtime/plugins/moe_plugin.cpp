@@ -172,7 +172,7 @@ bool readInteger(const PluginField& f, int32_t& out) {
     }
 }
 
-// Fills `attrs` from `fc`; every field is required. Returns the problem, or "" on success.
+// Fills `attrs` from `fc` (the first kRequiredFields are required). Returns the problem, or "" on success.
 std::string parseFields(const nvinfer1::PluginFieldCollection* fc, MoeAttributes& attrs) {
     if (fc == nullptr) return "no plugin fields";
     bool seen[kNbFields] = {};

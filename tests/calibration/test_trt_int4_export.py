@@ -39,7 +39,8 @@ def test_decoder_carries_int4_experts_and_int4_matmuls(int4_export):
     assert len(moe) == 1
     attrs = {a.name: helper.get_attribute_value(a) for a in moe[0].attribute}
     assert attrs["weight_bits"] == 4 and attrs["group_size"] == 32  # tiny: hidden 64, experts 96 wide
-    assert [inits[moe[0].input[i]].data_type for i in (2, 4, 6, 7)] == [TensorProto.INT32] * 2 + [TensorProto.FLOAT16] * 2
+    types = [inits[moe[0].input[i]].data_type for i in (2, 4, 6, 7)]
+    assert types == [TensorProto.INT32] * 2 + [TensorProto.FLOAT16] * 2  # codes, codes, scales, scales
     int4 = [n for n in model.graph.node if n.op_type == "DequantizeLinear"
             and inits[n.input[0]].data_type == TensorProto.INT4]
     assert len(int4) >= 6  # q, k, v, o, dense MLP up/down ... of two layers

@@ -73,7 +73,8 @@ def test_what_is_quantised_how():
     attrs = {a.name: helper.get_attribute_value(a) for a in moe.attribute}
     assert attrs["weight_bits"] == 4 and attrs["group_size"] == 32 and len(moe.input) == 8
     assert list(inits[moe.input[2]].dims) == [E, 2 * I, H // 8] and inits[moe.input[2]].data_type == TensorProto.INT32
-    assert list(inits[moe.input[6]].dims) == [E, 2 * I, H // 32] and inits[moe.input[7]].data_type == TensorProto.FLOAT16
+    assert list(inits[moe.input[6]].dims) == [E, 2 * I, H // 32]
+    assert inits[moe.input[7]].data_type == TensorProto.FLOAT16
     dq = {n.output[0]: n for n in model.graph.node if n.op_type == "DequantizeLinear"}
     dense, head = dq[by_name["/dense"].input[1]], dq[by_name["/head"].input[1]]
     assert {a.name: helper.get_attribute_value(a) for a in dense.attribute} == {"axis": 0, "block_size": 64}

@@ -146,7 +146,8 @@ int main(int argc, char** argv) {
     const PluginFieldCollection* names = creator->getFieldNames();
     CHECK(names->nbFields == 6);
     CHECK(std::strcmp(names->fields[3].name, "normalize_routing_weights") == 0);
-    CHECK(std::strcmp(names->fields[4].name, "weight_bits") == 0 && std::strcmp(names->fields[5].name, "group_size") == 0);
+    CHECK(std::strcmp(names->fields[4].name, "weight_bits") == 0);
+    CHECK(std::strcmp(names->fields[5].name, "group_size") == 0);
 
     // Field validation: each bad collection is refused with a logged reason.
     std::vector<PluginField> storage;
