@@ -1,11 +1,14 @@
 """Times the MoE plugin's CUDA kernels against an eager PyTorch MoE on the same GPU and inputs.
 
     python benchmarks/plugin_kernels.py [--model stablelm|phi2] [--tokens 1 8 64 577 2048] [--dtype fp16|fp32]
+                                        [--weights fp16|int4 [--group 128]]
 
 One MoE layer of the chosen MoE-LLaVA backbone (4 experts, top-2). Per token count T it prints both latencies, the
 expert-weight bytes the layer must read (only the experts some token picked), the plugin's achieved GB/s and
 TFLOP/s, and its share of the device's memory bandwidth when the device is known (or --peak-gbps is given).
-Decode (small T) is bandwidth-bound: GB/s against the peak is the figure of merit there.
+Decode (small T) is bandwidth-bound: GB/s against the peak is the figure of merit there. --weights int4 runs the
+INT4 weight-only experts (calibration/blockwise.py's group-wise quantiser; bytes counted as codes + scales) against
+the same eager fp16 PyTorch MoE; max|diff| then includes the quantisation error.
 Needs a CUDA GPU, torch with CUDA and nvcc (the kernels are built with torch.utils.cpp_extension).
 """
 
@@ -108,17 +111,38 @@ def peak_gbps(device_name: str, override: float | None) -> float | None:
 PATHS = {"auto": 0, "skinny": 1, "tiled": 2, "tiled_simt": 3}
 
 
-def bench_one(torch, ext, shape: LayerShape, T: int, dtype, iters: int, path: str) -> dict:
+def int4_experts(torch, x, group: int) -> dict:
+    """The INT4 node's expert tensors for x's fp16 weights: int32 codes [E,N,K/8], fp16 scales [E,N,K/G]."""
+    import numpy as np
+
+    from calibration.blockwise import BlockQuant, quantize
+
+    out = {}
+    for name in ("fc1", "fc2"):
+        codes, scales = quantize(x[f"{name}_weight"].cpu().numpy(), BlockQuant(4, group))
+        out[f"{name}_codes"] = torch.from_numpy(np.ascontiguousarray(codes).view(np.int32)).cuda()
+        out[f"{name}_scales"] = torch.from_numpy(scales.astype(np.float16)).cuda()
+    return out
+
+
+def bench_one(torch, ext, shape: LayerShape, T: int, dtype, iters: int, path: str, group: int | None) -> dict:
     x = make_layer(torch, shape, T, dtype)
+    q = int4_experts(torch, x, group) if group else None
 
     def run_plugin():
-        return ext.moe_forward(**x, top_k=shape.K, activation=shape.activation, path=PATHS[path])
+        if q is None:
+            return ext.moe_forward(**x, top_k=shape.K, activation=shape.activation, path=PATHS[path])
+        return ext.moe_forward_int4(x["hidden"], x["router_logits"], q["fc1_codes"], q["fc1_scales"], x["fc1_bias"],
+                                    q["fc2_codes"], q["fc2_scales"], x["fc2_bias"], top_k=shape.K,
+                                    activation=shape.activation, group_size=group, path=PATHS[path])
 
     out, ids, _ = run_plugin()
     diff = (out.float() - torch_moe(torch, x, shape).float()).abs().max().item()
     experts_read = int(ids.unique().numel())
     es = x["hidden"].element_size()
-    weight_bytes = experts_read * (shape.F * shape.H + shape.H * shape.I + shape.F + shape.H) * es
+    matrix = shape.F * shape.H + shape.H * shape.I
+    per_weight = 0.5 + 2.0 / group if group else es  # INT4: half a byte of code + an fp16 scale per group
+    weight_bytes = experts_read * (matrix * per_weight + (shape.F + shape.H) * es)
     io_bytes = 2 * T * shape.H * es + T * shape.E * 4
     flops = 2.0 * T * shape.K * (shape.F * shape.H + shape.H * shape.I)
     plugin_ms = median_ms(torch, run_plugin, iters)
@@ -136,8 +160,14 @@ def main(argv=None) -> None:
     ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--path", choices=["auto", "skinny", "tiled", "tiled_simt"], default="auto",
                     help="grouped-GEMM kernel (auto: skinny for T <= 8, else tiled; tiled uses tensor cores for fp16)")
+    ap.add_argument("--weights", choices=["fp16", "int4"], default="fp16",
+                    help="expert weights: as --dtype, or INT4 weight-only (needs --dtype fp16)")
+    ap.add_argument("--group", type=int, choices=[32, 64, 128], default=128, help="INT4 group size")
     ap.add_argument("--peak-gbps", type=float, default=None, help="device memory bandwidth for the %% column")
     args = ap.parse_args(argv)
+    if args.weights == "int4" and (args.dtype != "fp16" or args.path == "tiled_simt"):
+        ap.error("--weights int4 needs --dtype fp16 and a path other than tiled_simt")
+    group = args.group if args.weights == "int4" else None
 
     try:
         import torch
@@ -154,11 +184,12 @@ def main(argv=None) -> None:
     name = torch.cuda.get_device_name()
     peak = peak_gbps(name, args.peak_gbps)
     print(f"{name} | {args.model}: H={shape.H} I={shape.I} E={shape.E} top-{shape.K} {args.dtype} | "
-          f"path {args.path} | peak {peak or '?'} GB/s | median of {args.iters}")
+          f"{args.weights} experts{f' g{group}' if group else ''} | path {args.path} | peak {peak or '?'} GB/s | "
+          f"median of {args.iters}")
     print(f"{'T':>6} {'plugin ms':>10} {'torch ms':>10} {'speed-up':>9} {'experts':>8} {'MB read':>9} "
           f"{'GB/s':>8} {'% peak':>7} {'TFLOP/s':>8} {'max|diff|':>10}")
     for T in args.tokens:
-        r = bench_one(torch, ext, shape, T, dtype, args.iters, args.path)
+        r = bench_one(torch, ext, shape, T, dtype, args.iters, args.path, group)
         pct = f"{100 * r['gbps'] / peak:6.1f}%" if peak else "      ?"
         print(f"{r['T']:>6} {r['plugin_ms']:>10.4f} {r['torch_ms']:>10.4f} {r['torch_ms'] / r['plugin_ms']:>8.2f}x "
               f"{r['experts']:>8} {r['mbytes']:>9.1f} {r['gbps']:>8.1f} {pct:>7} {r['tflops']:>8.2f} "

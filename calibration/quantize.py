@@ -6,7 +6,8 @@
 Everything is assembled in a staging directory next to `out` (export.output_dir.staged_output, as for
 export_onnx) and moved into place only after validation passed; the fp32 graphs live in a second
 temporary directory beside it. fp8 has no onnxruntime CPU kernel: it is refused here and built by
-`--target tensorrt` (ModelOpt Q/DQ, calibration/modelopt_qdq.py) for Hopper / Ada / Thor.
+`--target tensorrt` (ModelOpt Q/DQ, calibration/modelopt_qdq.py) for Hopper / Ada / Thor. int4 with
+`--moe-impl plugin` writes TensorRT's INT4 weight-only graphs instead (export/int4_export.py).
 """
 from __future__ import annotations
 
@@ -50,10 +51,13 @@ def export_quantized(model: str | Path, out: str | Path, moe_impl="auto", precis
     out = Path(out)
     check_target(out)
     impl = MoEImpl(moe_impl).resolve("onnx")
-    if impl is MoEImpl.PLUGIN:
+    if impl is MoEImpl.PLUGIN and p is not QuantPrecision.INT4:
         raise UserError("--moe-impl plugin graphs need TensorRT: quantise them with --target tensorrt (ModelOpt); "
                         "for onnxruntime use --moe-impl ort or portable")
     loaded = load_pretrained(model, vision_tower)
+    if impl is MoEImpl.PLUGIN:  # INT4 weight-only graphs for TensorRT (plugin INT4 experts), no calibration
+        from export.int4_export import export_int4_for_tensorrt
+        return export_int4_for_tensorrt(loaded, out, validate, synthetic, pope_per_split)
     # the candidates first: bad --calib-data fails before the (slow) graph export
     samples = load_samples(calib_data, loaded.template, synthetic) if p.needs_calibration else []
     config = calib or CalibConfig(min_tokens=calib_min_tokens)

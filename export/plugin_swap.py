@@ -1,8 +1,10 @@
 """Validate `--moe-impl plugin` graphs without TensorRT: swap each plugin node for an equivalent op.
 
 `moe_llava.MoELlavaMoE` and `com.microsoft.MoE` compute the same function (see moe_lowering.py); only the
-SwiGLU row layout of fc1 differs ([gate; up] for the plugin, interleaved for onnxruntime). The swapped
-graph is what validation runs; the exported graph keeps the plugin nodes.
+SwiGLU row layout of fc1 differs ([gate; up] for the plugin, interleaved for onnxruntime). A plugin node with
+INT4 experts (weight_bits=4) becomes `com.microsoft.QMoE` reading the same codes and scales (the plugin's int32
+words viewed as QMoE's uint8 bytes: one layout, calibration/blockwise.py). The swapped graph is what validation
+runs; the exported graph keeps the plugin nodes.
 """
 from __future__ import annotations
 
@@ -12,6 +14,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
+
+from calibration.blockwise import BlockQuant
+from calibration.qmoe import qmoe_node
 
 from .moe_lowering import PLUGIN_ACTIVATION, PLUGIN_OP
 
@@ -28,9 +33,11 @@ def swap_plugin_nodes(model: onnx.ModelProto) -> int:
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         activation = _ACTIVATION_NAMES[attrs["activation"]]
         inputs = list(node.input)
-        if activation.value == "swiglu":
-            inputs[2] = _interleaved_copy(model, initializers[inputs[2]])
-            inputs[3] = _interleaved_copy(model, initializers[inputs[3]])
+        gated = activation.value == "swiglu"
+        int4 = attrs.get("weight_bits", 16) == 4
+        if gated:  # the float weights, or the INT4 codes and scales: rows are rows either way
+            for slot in (2, 3, 6) if int4 else (2, 3):  # fc1 weight (codes), bias, scales
+                inputs[slot] = _interleaved_copy(model, initializers[inputs[slot]])
         elif activation.value != "gelu_tanh":
             raise ValueError(f"no onnxruntime equivalent for plugin activation {activation.value}")
         cast = helper.make_node("CastLike", [inputs[1], inputs[0]], [node.name + "/logits_cast"],
@@ -40,6 +47,8 @@ def swap_plugin_nodes(model: onnx.ModelProto) -> int:
                                name=node.name + "/ort", domain="com.microsoft", k=attrs["top_k"],
                                activation_type="swiglu" if extra else "gelu",
                                normalize_routing_weights=attrs["normalize_routing_weights"], **extra)
+        if int4:
+            moe = _qmoe(model, moe, inputs, attrs["group_size"])
         model.graph.node.remove(node)
         model.graph.node.insert(index, moe)
         model.graph.node.insert(index, cast)
@@ -47,6 +56,19 @@ def swap_plugin_nodes(model: onnx.ModelProto) -> int:
     if swapped and not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return swapped
+
+
+def _qmoe(model: onnx.ModelProto, moe: onnx.NodeProto, inputs: list[str], group: int) -> onnx.NodeProto:
+    """The QMoE twin of an INT4 plugin node (`moe`: its com.microsoft.MoE form, `inputs`: the plugin's, SwiGLU
+    rows already interleaved): codes as uint8 [E,N,K/2] - the same bytes - and the fp16 scales."""
+    inits = {t.name: t for t in model.graph.initializer}
+    names = {"fc1_scales": inputs[6], "fc2_scales": inputs[7]}
+    for key, slot in (("fc1", 2), ("fc2", 4)):
+        names[key] = inputs[slot] + "/uint8"
+        codes = numpy_helper.to_array(inits[inputs[slot]])
+        model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(codes).view(np.uint8),
+                                                               names[key]))
+    return qmoe_node(moe, names, BlockQuant(4, group))
 
 
 def _interleaved_copy(model: onnx.ModelProto, tensor: onnx.TensorProto) -> str:

@@ -9,7 +9,9 @@
 
 TensorRT is imported before anything else, so without it nothing is read or written. OUT is assembled next to
 itself and renamed into place at the end: a failed build leaves nothing behind. Precision comes from the graph
-(strongly typed networks; TensorRT 11 has no precision flags): fp16 engines are built from an fp16 export.
+(strongly typed networks; TensorRT 11 has no precision flags): fp16 engines are built from an fp16 export;
+--precision int4 with the plugin lowering exports INT4 weight-only graphs (export/int4_export.py), int8 / fp8 (and
+int4 with other lowerings) ModelOpt Q/DQ graphs.
 Supports TensorRT 10.3 (JetPack 6) to 11.x; version differences are guarded where the API changed.
 """
 from __future__ import annotations
@@ -160,6 +162,12 @@ def _export_checkpoint(model, stage: Path, impl: str, precision: str, vision_tow
                        write_quantised: QuantisedWriter | None) -> None:
     """The ONNX export (validated against PyTorch) straight into the staging directory."""
     from .moe_lowering import MoEImpl
+    if precision == "int4" and impl == MoEImpl.PLUGIN.value:  # INT4 experts in the plugin + INT4 DQ MatMuls
+        from moe_llava.loading import load_pretrained
+
+        from .int4_export import export_int4_for_tensorrt
+        export_int4_for_tensorrt(load_pretrained(model, vision_tower), stage)
+        return
     if precision in QUANTISED:  # TensorRT takes ModelOpt Q/DQ graphs (QMoE / MatMulNBits are onnxruntime ops)
         if write_quantised is None:
             raise UserError(f"--precision {precision} from a checkpoint is built by calibration.tensorrt_quantised "

@@ -1,7 +1,9 @@
 // Grouped GEMM kernels of the MoE layer (private to moe_kernels.cu). Every kernel computes, for the rows of
 // expert e in the expert-sorted buffer A (rows expertOffsets[e] .. expertOffsets[e+1]):
 //   C[r, n] = act(sum_k A[r, k] * W[e, n, k] + bias[e, n])        SwiGLU: silu(gate row n) * (up row N + n)
-// reading the offsets on the device. Shapes: A [S, Kd], W [E, Nw, Kd], bias [E, Nw], C [S, N].
+// reading the offsets on the device. Shapes: A [S, Kd], W [E, Nw, Kd], bias [E, Nw], C [S, N]. INT4 experts
+// (moe_int4.cuh) replace W by packed codes + group scales; they run the tensor-core kernel here and the decode
+// kernel of moe_int4_decode.cuh.
 #pragma once
 
 #include <cuda_fp16.h>
@@ -10,6 +12,7 @@
 #include <cstddef>
 
 #include "moe_device.cuh"
+#include "moe_int4.cuh"
 
 namespace moe_llava {
 namespace detail {
@@ -20,7 +23,7 @@ constexpr int kTileM = 64;  // rows per tile of the tiled kernels; the permutati
 template <typename IO>
 struct GemmArgs {
     const IO* A;     // [S, Kd]   expert-sorted rows
-    const IO* W;     // [E, Nw, Kd]
+    const IO* W;     // [E, Nw, Kd]; unused (nullptr) with INT4 experts
     const IO* bias;  // [E, Nw] or nullptr
     IO* C;           // [S, N]
     const int* expertOffsets;  // [E+1]
@@ -28,6 +31,7 @@ struct GemmArgs {
     const int* activeExperts;  // [E]
     const int* numActive;      // [1]
     int E, N, Kd, Nw;          // Nw = weight rows per expert: F for fc1, H for fc2
+    Int4Weights q{};           // INT4 experts (q.codes != nullptr) instead of W
 };
 
 template <int ACT, typename IO>
@@ -237,7 +241,9 @@ __device__ __forceinline__ void stageRows(__half (*dst)[kWmmaLd], const __half* 
     }
 }
 
-template <int ACT>
+// INT4 (kInt4): the weight tile is dequantised while staging (stageInt4Rows), so each expert's codes are read once
+// per 64-row tile at a quarter of the fp16 bytes and no dequantised copy exists outside shared memory. Kd % 32 == 0.
+template <int ACT, bool kInt4 = false>
 __global__ void __launch_bounds__(kWmmaThreads)
 wmmaGemmKernel(GemmArgs<__half> a) {
     namespace wmma = nvcuda::wmma;
@@ -245,7 +251,8 @@ wmmaGemmKernel(GemmArgs<__half> a) {
     const int tile = blockIdx.x;
     if (tile >= a.tileOffsets[a.E]) return;  // block-uniform, before any barrier
     const auto [e, rowBegin, rowEnd, n0] = tileWork(a, tile);
-    const __half* W = a.W + static_cast<size_t>(e) * a.Nw * a.Kd;
+    const __half* W = kInt4 ? nullptr : a.W + static_cast<size_t>(e) * a.Nw * a.Kd;
+    const size_t expertRow = static_cast<size_t>(e) * a.Nw;  // first weight row of expert e
     __shared__ __align__(128) WmmaSmem<kGated> sm;
 
     const int warp = threadIdx.x >> 5;
@@ -262,8 +269,15 @@ wmmaGemmKernel(GemmArgs<__half> a) {
 
     for (int k0 = 0; k0 < a.Kd; k0 += kWmmaK) {
         stageRows(sm.stage.a, a.A, rowBegin, rowEnd, k0, a.Kd);
-        stageRows(sm.stage.b, W, n0, a.N, k0, a.Kd);  // weight rows n0.. (< N) are the B columns
-        if constexpr (kGated) stageRows(sm.stage.u, W + static_cast<size_t>(a.N) * a.Kd, n0, a.N, k0, a.Kd);
+        if constexpr (kInt4) {
+            stageInt4Rows<kTileN, kWmmaLd>(sm.stage.b, a.q, expertRow, n0, a.N, k0, a.Kd, kWmmaThreads);
+            if constexpr (kGated) {
+                stageInt4Rows<kTileN, kWmmaLd>(sm.stage.u, a.q, expertRow + a.N, n0, a.N, k0, a.Kd, kWmmaThreads);
+            }
+        } else {
+            stageRows(sm.stage.b, W, n0, a.N, k0, a.Kd);  // weight rows n0.. (< N) are the B columns
+            if constexpr (kGated) stageRows(sm.stage.u, W + static_cast<size_t>(a.N) * a.Kd, n0, a.N, k0, a.Kd);
+        }
         __syncthreads();
 #pragma unroll
         for (int kk = 0; kk < kWmmaK; kk += 16) {

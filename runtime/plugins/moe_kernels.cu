@@ -18,6 +18,10 @@
 // are read, once per 64-row tile of that expert's tokens (prefill never gathers weights per token). Kernels:
 // skinny (T <= 8, one warp per output column), tensor-core WMMA tiles (fp16), fp32-FMA tiles (fp32, odd sizes).
 //
+// INT4 experts (weight_bits 4, fp16 I/O): the same pipeline; fc1/fc2 run skinnyInt4GemmKernel (decode,
+// moe_int4_decode.cuh) or the tensor-core tiles dequantising each weight tile into shared memory. No extra
+// workspace: dequantised weights never leave registers / shared memory.
+//
 // Precision: routing in fp32; every dot product accumulates in fp32. `intermediate` and the expert outputs are
 // stored in the IO dtype (one extra fp16 rounding each on the fp16 path, the same roundings PyTorch's fp16 MoE makes).
 //
@@ -36,6 +40,7 @@
 
 #include "moe_device.cuh"
 #include "moe_grouped_gemm.cuh"
+#include "moe_int4_decode.cuh"
 
 namespace moe_llava {
 namespace {
@@ -240,6 +245,15 @@ Layout makeLayout(int T, int E, int K, int H, int I, MoeDType dtype) {
     return l;
 }
 
+// INT4 experts: fp16 I/O, group-aligned widths, scales present, codes 16-byte aligned for the vector loads.
+bool validInt4(const MoeParams& p) {
+    const bool layout = p.weight_bits == 4 && p.dtype == MoeDType::kFP16 && moeValidGroupSize(p.group_size) &&
+                        p.H % p.group_size == 0 && p.I % p.group_size == 0 && p.path != MoeGemmPath::kTiledSimt;
+    const bool pointers = p.T == 0 || (p.fc1_scales && p.fc2_scales && aligned16(p.fc1_weight) &&
+                                       aligned16(p.fc2_weight));
+    return layout && pointers;
+}
+
 bool validParams(const MoeParams& p) {
     const bool sizes = p.T >= 0 && p.E >= 1 && p.E <= kMoeMaxExperts && p.K >= 1 && p.K <= kMoeMaxTopK &&
                        p.K <= p.E && p.H >= 1 && p.I >= 1;
@@ -249,7 +263,7 @@ bool validParams(const MoeParams& p) {
     const bool path = p.path == MoeGemmPath::kAuto || p.path == MoeGemmPath::kSkinny ||
                       p.path == MoeGemmPath::kTiled || p.path == MoeGemmPath::kTiledSimt;
     const bool pointers = p.T == 0 || (p.hidden && p.router_logits && p.fc1_weight && p.fc2_weight && p.output);
-    return sizes && enums && path && pointers;
+    return sizes && enums && path && pointers && (p.weight_bits == 16 || validInt4(p));
 }
 
 // 16-byte loads along Kd: rows must be 16-byte multiples and the bases 16-byte aligned (always true for real
@@ -290,13 +304,44 @@ void launchGemm(const GemmArgs<IO>& a, int T, int S, MoeGemmPath path, cudaStrea
     launchTiled<IO, ACT>(a, S, /*tensorCores=*/path != MoeGemmPath::kTiledSimt, stream);
 }
 
+// INT4 experts (validInt4 holds): the decode kernel for small T, else the tensor-core tiles.
+template <int ACT>
+void launchInt4Gemm(const GemmArgs<__half>& a, int T, int S, MoeGemmPath path, cudaStream_t stream) {
+    const bool skinny = path == MoeGemmPath::kSkinny || (path == MoeGemmPath::kAuto && T <= kMoeSkinnyMaxTokens);
+    if (skinny) {
+        const dim3 grid(ceilDiv(a.N, kSkinnyWarps), static_cast<unsigned>(std::min(a.E, S)));
+        if (T == 1) launch(skinnyInt4GemmKernel<ACT, 1>, grid, dim3(kSkinnyWarps * 32), stream, a);
+        else launch(skinnyInt4GemmKernel<ACT, 8>, grid, dim3(kSkinnyWarps * 32), stream, a);
+        return;
+    }
+    const dim3 grid(ceilDiv(S, kTileM) + static_cast<unsigned>(std::min(a.E, S)), ceilDiv(a.N, kTileN));
+    launch(wmmaGemmKernel<ACT, true>, grid, dim3(kWmmaThreads), stream, a);
+}
+
+template <typename IO, int ACT>
+void launchAnyGemm(const GemmArgs<IO>& a, int T, int S, MoeGemmPath path, cudaStream_t stream) {
+    if constexpr (std::is_same_v<IO, __half>) {
+        if (a.q.codes != nullptr) {
+            launchInt4Gemm<ACT>(a, T, S, path, stream);
+            return;
+        }
+    }
+    launchGemm<IO, ACT>(a, T, S, path, stream);
+}
+
 template <typename IO>
 void launchFc1(const GemmArgs<IO>& a, MoeActivation act, int T, int S, MoeGemmPath path, cudaStream_t stream) {
     switch (act) {
-        case MoeActivation::kSwiGLU: launchGemm<IO, kActSwiGLU>(a, T, S, path, stream); break;
-        case MoeActivation::kGeluTanh: launchGemm<IO, kActGeluTanh>(a, T, S, path, stream); break;
-        case MoeActivation::kGeluErf: launchGemm<IO, kActGeluErf>(a, T, S, path, stream); break;
+        case MoeActivation::kSwiGLU: launchAnyGemm<IO, kActSwiGLU>(a, T, S, path, stream); break;
+        case MoeActivation::kGeluTanh: launchAnyGemm<IO, kActGeluTanh>(a, T, S, path, stream); break;
+        case MoeActivation::kGeluErf: launchAnyGemm<IO, kActGeluErf>(a, T, S, path, stream); break;
     }
+}
+
+// The INT4 view of one expert weight tensor, or an empty one for float experts.
+Int4Weights int4Weights(const MoeParams& p, const void* codes, const void* scales) {
+    if (p.weight_bits != 4) return {};
+    return {static_cast<const uint32_t*>(codes), static_cast<const __half*>(scales), p.group_size};
 }
 
 template <typename IO>
@@ -326,15 +371,18 @@ cudaError_t forward(const MoeParams& p, void* workspace, cudaStream_t stream) {
     launchGather<IO>(hidden, ws.sorted_token, permuted, S, H, stream);
 
     const int F = p.activation == MoeActivation::kSwiGLU ? 2 * I : I;
-    const GemmArgs<IO> fc1{permuted, static_cast<const IO*>(p.fc1_weight), static_cast<const IO*>(p.fc1_bias),
-                           intermediate, ws.expert_offsets, ws.tile_offsets, ws.active_experts, ws.num_active,
-                           E, /*N=*/I, /*Kd=*/H, /*Nw=*/F};
+    const bool int4 = p.weight_bits == 4;
+    const GemmArgs<IO> fc1{permuted, int4 ? nullptr : static_cast<const IO*>(p.fc1_weight),
+                           static_cast<const IO*>(p.fc1_bias), intermediate, ws.expert_offsets, ws.tile_offsets,
+                           ws.active_experts, ws.num_active, E, /*N=*/I, /*Kd=*/H, /*Nw=*/F,
+                           int4Weights(p, p.fc1_weight, p.fc1_scales)};
     launchFc1<IO>(fc1, p.activation, T, S, p.path, stream);
     // fc2 writes the expert outputs over `permuted`: fc1 has consumed it (same stream).
-    const GemmArgs<IO> fc2{intermediate, static_cast<const IO*>(p.fc2_weight), static_cast<const IO*>(p.fc2_bias),
-                           permuted, ws.expert_offsets, ws.tile_offsets, ws.active_experts, ws.num_active,
-                           E, /*N=*/H, /*Kd=*/I, /*Nw=*/H};
-    launchGemm<IO, kActNone>(fc2, T, S, p.path, stream);
+    const GemmArgs<IO> fc2{intermediate, int4 ? nullptr : static_cast<const IO*>(p.fc2_weight),
+                           static_cast<const IO*>(p.fc2_bias), permuted, ws.expert_offsets, ws.tile_offsets,
+                           ws.active_experts, ws.num_active, E, /*N=*/H, /*Kd=*/I, /*Nw=*/H,
+                           int4Weights(p, p.fc2_weight, p.fc2_scales)};
+    launchAnyGemm<IO, kActNone>(fc2, T, S, p.path, stream);
 
     launch(combineKernel<IO>, dim3(T), dim3(kRowThreads), stream, permuted, ws.slot_of, ws.topk_weights, K, H,
            static_cast<IO*>(p.output));

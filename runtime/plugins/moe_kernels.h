@@ -11,6 +11,12 @@
 //   fc2_weight    [E, H, I]  I/O dtype      fc2_bias [E, H]  I/O dtype
 //   output        [T, H]     I/O dtype
 //
+// INT4 weight-only experts (weight_bits = 4, fp16 I/O only): fc1_weight / fc2_weight hold packed codes, int32
+// [E, F, H/8] / [E, H, I/8], and fc1_scales / fc2_scales fp16 [E, F, H/G] / [E, H, I/G] (G = group_size along the
+// input dimension). Weight (n, k) = (code(n, k) - 8) * scale(n, k / G), code(n, k) = bits [4*(k%8), 4*(k%8)+4) of
+// word k/8 of row n - byte for byte the uint8 codes of calibration/blockwise.py (element k in byte k/2, even k
+// in the low nibble), read as little-endian int32 words.
+//
 // Semantics (identical to the project's PyTorch MoE, dropless):
 //   probs = softmax(router_logits) over E                      (fp32)
 //   (p, e) = top-K of probs, ties -> lower expert index first
@@ -43,12 +49,21 @@ constexpr int kMoeMaxExperts = 256;  // shared-memory histogram size of the perm
 constexpr int kMoeMaxTopK = 8;       // registers of the routing kernel
 constexpr int kMoeSkinnyMaxTokens = 8;  // kAuto uses the skinny kernel up to this T
 
+// INT4 experts: group sizes along the input dimension. A multiple of 32 keeps every 16-byte load of packed codes
+// (32 weights) inside one group, so each load needs exactly one scale.
+constexpr bool moeValidGroupSize(int g) { return g == 32 || g == 64 || g == 128; }
+
 struct MoeParams {
     int32_t T = 0, E = 0, K = 0, H = 0, I = 0;
     MoeDType dtype = MoeDType::kFP16;
     MoeActivation activation = MoeActivation::kSwiGLU;
     bool normalize = true;  // renormalise the K selected probabilities to sum to 1
     MoeGemmPath path = MoeGemmPath::kAuto;
+    // 16: fc1/fc2 weights in the I/O dtype. 4: packed INT4 codes with fp16 group scales (fp16 I/O; H and I
+    // multiples of group_size; weights, scales and hidden 16-byte aligned). INT4 runs the skinny kernel or the
+    // tensor-core tiles (kTiledSimt is refused).
+    int32_t weight_bits = 16;
+    int32_t group_size = 0;  // INT4 only: moeValidGroupSize
 
     const void* hidden = nullptr;          // [T, H]
     const float* router_logits = nullptr;  // [T, E]
@@ -57,6 +72,8 @@ struct MoeParams {
     const void* fc2_weight = nullptr;      // [E, H, I]
     const void* fc2_bias = nullptr;        // [E, H]  (nullptr = no bias)
     void* output = nullptr;                // [T, H]
+    const void* fc1_scales = nullptr;      // INT4 only: fp16 [E, F, H/G]
+    const void* fc2_scales = nullptr;      // INT4 only: fp16 [E, H, I/G]
 };
 
 // Bytes of device workspace moeForward needs for these sizes (also enough for any smaller T).

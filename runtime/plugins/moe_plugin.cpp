@@ -59,8 +59,22 @@ int64_t leadingProduct(const Dims& d) {  // T: every dimension of hidden but the
     return t;
 }
 
-// First inconsistency of the six input shapes with each other and with the attributes, or "" when consistent.
-std::string shapeProblem(const Dims (&d)[kNbInputs], const MoeAttributes& a) {
+// An extent of packed INT4 codes in weights (8 per int32), or unknown.
+int64_t unpacked(int64_t words, const MoeAttributes& a) { return words < 0 || !a.int4() ? words : 8 * words; }
+
+// INT4: the scales [E, N, K/G] of a weight [E, N, K/8] (K known unpacked), or "" when consistent.
+std::string scaleProblem(const Dims& scales, const Dims& weight, int64_t K, const MoeAttributes& a,
+                         const char* name) {
+    const bool ok = scales.nbDims == 3 && extentMatches(scales.d[0], weight.d[0]) &&
+                    extentMatches(scales.d[1], weight.d[1]) &&
+                    (K < 0 || (K % a.group_size == 0 && extentMatches(scales.d[2], K / a.group_size)));
+    if (ok) return "";
+    return std::string(name) + " " + dimsToString(scales) + " must be [E, N, K/group_size] for weight " +
+           dimsToString(weight) + " (K=" + std::to_string(K) + ", group_size=" + std::to_string(a.group_size) + ")";
+}
+
+// First inconsistency of the input shapes with each other and with the attributes, or "" when consistent.
+std::string shapeProblem(const Dims (&d)[kNbInputsInt4], const MoeAttributes& a) {
     const Dims &x = d[0], &logits = d[1], &w1 = d[2], &b1 = d[3], &w2 = d[4], &b2 = d[5];
     if (x.nbDims < 2) return "hidden must be [T, H], got " + dimsToString(x);
     if (logits.nbDims != x.nbDims) return "router_logits must be [T, E], got " + dimsToString(logits);
@@ -77,8 +91,8 @@ std::string shapeProblem(const Dims (&d)[kNbInputs], const MoeAttributes& a) {
         return "expert tensors must be fc1_weight [E,F,H], fc1_bias [E,F], fc2_weight [E,H,I], fc2_bias [E,H]; got " +
                dimsToString(w1) + ", " + dimsToString(b1) + ", " + dimsToString(w2) + ", " + dimsToString(b2);
     }
-    const int64_t E = a.num_experts, H = x.d[x.nbDims - 1], F = w1.d[1], I = w2.d[2];
-    const bool ok = extentMatches(w1.d[0], E) && extentMatches(w1.d[2], H) && extentMatches(b1.d[0], E) &&
+    const int64_t E = a.num_experts, H = x.d[x.nbDims - 1], F = w1.d[1], I = unpacked(w2.d[2], a);
+    const bool ok = extentMatches(w1.d[0], E) && extentMatches(unpacked(w1.d[2], a), H) && extentMatches(b1.d[0], E) &&
                     extentMatches(b1.d[1], F) && extentMatches(w2.d[0], E) && extentMatches(w2.d[1], H) &&
                     extentMatches(b2.d[0], E) && extentMatches(b2.d[1], H);
     if (!ok) {
@@ -91,15 +105,17 @@ std::string shapeProblem(const Dims (&d)[kNbInputs], const MoeAttributes& a) {
         return std::string("fc1 rows F=") + std::to_string(F) + " must be " + (gated ? "2*I" : "I") + " (I=" +
                std::to_string(I) + ") for activation " + moeActivationName(static_cast<MoeActivation>(a.activation));
     }
-    return "";
+    if (!a.int4()) return "";
+    const std::string s1 = scaleProblem(d[6], w1, H, a, "fc1_scales");
+    return s1.empty() ? scaleProblem(d[7], w2, I, a, "fc2_scales") : s1;
 }
 
-// 0 when the six input shapes are consistent, else logs why and returns 1; `dimsOf` reads one input's Dims
+// 0 when the input shapes are consistent, else logs why and returns 1; `dimsOf` reads one input's Dims
 // (configurePlugin gets DynamicPluginTensorDesc, onShapeChange PluginTensorDesc).
 template <typename Desc, typename DimsOf>
 int32_t checkShapes(const Desc* in, const MoeAttributes& a, DimsOf dimsOf) {
-    Dims dims[kNbInputs];
-    for (int32_t i = 0; i < kNbInputs; ++i) dims[i] = dimsOf(in[i]);
+    Dims dims[kNbInputsInt4]{};
+    for (int32_t i = 0; i < a.nbInputs(); ++i) dims[i] = dimsOf(in[i]);
     const std::string problem = shapeProblem(dims, a);
     if (!problem.empty()) logError(problem);
     return problem.empty() ? 0 : 1;
@@ -122,15 +138,25 @@ std::string attributeProblem(const MoeAttributes& a) {
         s << "activation=" << a.activation << " is not 0 (swiglu), 1 (gelu_tanh) or 2 (gelu_erf)";
     } else if (a.normalize_routing_weights != 0 && a.normalize_routing_weights != 1) {
         s << "normalize_routing_weights=" << a.normalize_routing_weights << " is not 0 or 1";
+    } else if (a.weight_bits != 16 && a.weight_bits != 4) {
+        s << "weight_bits=" << a.weight_bits << " is not 16 (experts in hidden's dtype) or 4 (INT4)";
+    } else if (a.int4() && !moeValidGroupSize(a.group_size)) {
+        s << "group_size=" << a.group_size << " is not 32, 64 or 128 (needed with weight_bits=4)";
     }
     return s.str();
 }
 
 // The creator's fields, in the order of MoeAttributes; data pointers are filled per plugin when serialising.
-const char* const kFieldNames[] = {"num_experts", "top_k", "activation", "normalize_routing_weights"};
+// The first kRequiredFields are required; weight_bits and group_size came with INT4 experts and default to float
+// experts, so engines and graphs written before them still load.
+const char* const kFieldNames[] = {"num_experts", "top_k", "activation", "normalize_routing_weights", "weight_bits",
+                                   "group_size"};
+constexpr int kNbFields = 6;
+constexpr int kRequiredFields = 4;
 
 int32_t* attributeSlot(MoeAttributes& a, int index) {
-    int32_t* slots[] = {&a.num_experts, &a.top_k, &a.activation, &a.normalize_routing_weights};
+    int32_t* slots[] = {&a.num_experts, &a.top_k, &a.activation, &a.normalize_routing_weights, &a.weight_bits,
+                        &a.group_size};
     return slots[index];
 }
 
@@ -146,14 +172,14 @@ bool readInteger(const PluginField& f, int32_t& out) {
     }
 }
 
-// Fills `attrs` from `fc`; every field is required. Returns the problem, or "" on success.
+// Fills `attrs` from `fc` (the first kRequiredFields are required). Returns the problem, or "" on success.
 std::string parseFields(const nvinfer1::PluginFieldCollection* fc, MoeAttributes& attrs) {
     if (fc == nullptr) return "no plugin fields";
-    bool seen[4] = {false, false, false, false};
+    bool seen[kNbFields] = {};
     for (int32_t i = 0; i < fc->nbFields; ++i) {
         const PluginField& f = fc->fields[i];
         if (f.name == nullptr) continue;
-        for (int k = 0; k < 4; ++k) {
+        for (int k = 0; k < kNbFields; ++k) {
             if (std::string(f.name) != kFieldNames[k]) continue;
             if (!readInteger(f, *attributeSlot(attrs, k))) {
                 return std::string("field '") + f.name + "' must be one integer";
@@ -162,7 +188,7 @@ std::string parseFields(const nvinfer1::PluginFieldCollection* fc, MoeAttributes
         }
         // Other fields (none expected) are ignored, so newer exporters can add optional attributes.
     }
-    for (int k = 0; k < 4; ++k) {
+    for (int k = 0; k < kRequiredFields; ++k) {
         if (!seen[k]) return std::string("missing field '") + kFieldNames[k] + "'";
     }
     return attributeProblem(attrs);
@@ -187,14 +213,15 @@ MoePlugin::MoePlugin(const MoePlugin& other)
 
 void MoePlugin::bindFields() {
     mFields.clear();
-    for (int k = 0; k < 4; ++k) {
+    for (int k = 0; k < kNbFields; ++k) {
         mFields.emplace_back(kFieldNames[k], attributeSlot(mAttrs, k), PluginFieldType::kINT32, 1);
     }
     mFieldCollection.nbFields = static_cast<int32_t>(mFields.size());
     mFieldCollection.fields = mFields.data();
     mId = std::string(kPluginName) + "_E" + std::to_string(mAttrs.num_experts) + "_K" + std::to_string(mAttrs.top_k) +
           "_" + moeActivationName(static_cast<MoeActivation>(mAttrs.activation)) + "_norm" +
-          std::to_string(mAttrs.normalize_routing_weights);
+          std::to_string(mAttrs.normalize_routing_weights) +
+          (mAttrs.int4() ? "_int4g" + std::to_string(mAttrs.group_size) : "");
 }
 
 nvinfer1::IPluginCapability* MoePlugin::getCapabilityInterface(nvinfer1::PluginCapabilityType type) noexcept {
@@ -218,8 +245,9 @@ nvinfer1::IPluginV3* MoePlugin::clone() noexcept {
 int32_t MoePlugin::configurePlugin(const nvinfer1::DynamicPluginTensorDesc* in, int32_t nbInputs,
                                    const nvinfer1::DynamicPluginTensorDesc* /*out*/, int32_t nbOutputs) noexcept {
     try {
-        if (nbInputs != kNbInputs || nbOutputs != 1) {
-            logError("expects 6 inputs and 1 output, got " + std::to_string(nbInputs) + " and " +
+        if (nbInputs != mAttrs.nbInputs() || nbOutputs != 1) {
+            logError("expects " + std::to_string(mAttrs.nbInputs()) + " inputs and 1 output, got " +
+                     std::to_string(nbInputs) + " and " +
                      std::to_string(nbOutputs));
             return 1;
         }
@@ -232,7 +260,7 @@ int32_t MoePlugin::configurePlugin(const nvinfer1::DynamicPluginTensorDesc* in, 
 
 int32_t MoePlugin::getOutputDataTypes(DataType* outputTypes, int32_t nbOutputs, const DataType* inputTypes,
                                       int32_t nbInputs) const noexcept {
-    if (nbOutputs != 1 || nbInputs != kNbInputs) return 1;
+    if (nbOutputs != 1 || nbInputs != mAttrs.nbInputs()) return 1;
     outputTypes[0] = inputTypes[0];  // output has hidden's dtype
     return 0;
 }
@@ -241,29 +269,36 @@ int32_t MoePlugin::getOutputShapes(const nvinfer1::DimsExprs* inputs, int32_t nb
                                    const nvinfer1::DimsExprs* /*shapeInputs*/, int32_t /*nbShapeInputs*/,
                                    nvinfer1::DimsExprs* outputs, int32_t nbOutputs,
                                    nvinfer1::IExprBuilder& /*exprBuilder*/) noexcept {
-    if (nbInputs != kNbInputs || nbOutputs != 1) return 1;
+    if (nbInputs != mAttrs.nbInputs() || nbOutputs != 1) return 1;
     outputs[0] = inputs[0];  // [T, H], like hidden
     return 0;
 }
 
 bool MoePlugin::supportsFormatCombination(int32_t pos, const nvinfer1::DynamicPluginTensorDesc* inOut, int32_t nbInputs,
                                           int32_t nbOutputs) noexcept {
-    if (nbInputs != kNbInputs || nbOutputs != 1 || pos < 0 || pos > kNbInputs) return false;
+    if (nbInputs != mAttrs.nbInputs() || nbOutputs != 1 || pos < 0 || pos > nbInputs) return false;
     const nvinfer1::PluginTensorDesc& d = inOut[pos].desc;
     if (d.format != nvinfer1::TensorFormat::kLINEAR) return false;
     if (pos == 1) return d.type == DataType::kFLOAT;  // router logits: always fp32
-    if (pos == 0) return d.type == DataType::kFLOAT || d.type == DataType::kHALF;
-    return d.type == inOut[0].desc.type;  // expert tensors and output follow hidden
+    if (mAttrs.int4()) {
+        // Packed codes travel as int32 words: TensorRT's (U)INT8 tensors carry quantisation semantics.
+        if (pos == 2 || pos == 4) return d.type == DataType::kINT32;
+        if (pos == 6 || pos == 7) return d.type == DataType::kHALF;  // group scales
+        if (pos == 0) return d.type == DataType::kHALF;
+    } else if (pos == 0) {
+        return d.type == DataType::kFLOAT || d.type == DataType::kHALF;
+    }
+    return d.type == inOut[0].desc.type;  // biases and output follow hidden
 }
 
 size_t MoePlugin::getWorkspaceSize(const nvinfer1::DynamicPluginTensorDesc* inputs, int32_t nbInputs,
                                    const nvinfer1::DynamicPluginTensorDesc* /*outputs*/,
                                    int32_t /*nbOutputs*/) const noexcept {
-    if (nbInputs != kNbInputs) return 0;
+    if (nbInputs != mAttrs.nbInputs()) return 0;
     MoeDType dtype = MoeDType::kFP32;
     if (!toMoeDType(inputs[0].desc.type, dtype)) dtype = MoeDType::kFP32;  // the larger element size
     const Dims& x = inputs[0].max;  // the profile's largest shapes bound every enqueue
-    const int64_t T = leadingProduct(x), H = x.d[x.nbDims - 1], I = inputs[4].max.d[2];
+    const int64_t T = leadingProduct(x), H = x.d[x.nbDims - 1], I = unpacked(inputs[4].max.d[2], mAttrs);
     if (T < 0 || H < 0 || I < 0) return 0;
     return moeWorkspaceSize(static_cast<int>(T), mAttrs.num_experts, mAttrs.top_k, static_cast<int>(H),
                             static_cast<int>(I), dtype);
@@ -272,7 +307,7 @@ size_t MoePlugin::getWorkspaceSize(const nvinfer1::DynamicPluginTensorDesc* inpu
 int32_t MoePlugin::onShapeChange(const nvinfer1::PluginTensorDesc* in, int32_t nbInputs,
                                  const nvinfer1::PluginTensorDesc* /*out*/, int32_t nbOutputs) noexcept {
     try {
-        if (nbInputs != kNbInputs || nbOutputs != 1) return 1;
+        if (nbInputs != mAttrs.nbInputs() || nbOutputs != 1) return 1;
         return checkShapes(in, mAttrs, [](const nvinfer1::PluginTensorDesc& d) { return d.dims; });
     } catch (const std::exception& e) {
         logError(e.what());
@@ -291,7 +326,7 @@ int32_t MoePlugin::enqueue(const nvinfer1::PluginTensorDesc* inputDesc,
     const Dims& x = inputDesc[0].dims;
     p.T = static_cast<int32_t>(leadingProduct(x));
     p.H = static_cast<int32_t>(x.d[x.nbDims - 1]);
-    p.I = static_cast<int32_t>(inputDesc[4].dims.d[2]);
+    p.I = static_cast<int32_t>(unpacked(inputDesc[4].dims.d[2], mAttrs));
     p.E = mAttrs.num_experts;
     p.K = mAttrs.top_k;
     p.activation = static_cast<MoeActivation>(mAttrs.activation);
@@ -303,6 +338,12 @@ int32_t MoePlugin::enqueue(const nvinfer1::PluginTensorDesc* inputDesc,
     p.fc2_weight = inputs[4];
     p.fc2_bias = inputs[5];
     p.output = outputs[0];
+    if (mAttrs.int4()) {
+        p.weight_bits = 4;
+        p.group_size = mAttrs.group_size;
+        p.fc1_scales = inputs[6];
+        p.fc2_scales = inputs[7];
+    }
     const cudaError_t status = moeForward(p, workspace, stream);
     if (status != cudaSuccess) {
         logError(std::string("enqueue failed: ") + cudaGetErrorString(status));
@@ -327,7 +368,7 @@ MoePluginCreator::MoePluginCreator() {
     mFieldCollection.fields = mFields.data();
 }
 
-// Build and runtime phase get the same four fields (at runtime: those of getFieldsToSerialize).
+// Build and runtime phase get the same fields (at runtime: those of getFieldsToSerialize).
 nvinfer1::IPluginV3* MoePluginCreator::createPlugin(const char* name, const nvinfer1::PluginFieldCollection* fc,
                                                     nvinfer1::TensorRTPhase /*phase*/) noexcept {
     try {

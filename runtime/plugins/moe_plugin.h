@@ -5,7 +5,10 @@
 // Node contract (fixed by the ONNX exporter): op_type / plugin name "MoELlavaMoE", version "1", namespace
 // "moe_llava". Inputs: hidden [T,H], router_logits [T,E] fp32, fc1_weight [E,F,H], fc1_bias [E,F],
 // fc2_weight [E,H,I], fc2_bias [E,H]; output [T,H]. Inputs 0,2-5 and the output share one dtype (fp32 or fp16).
-// INT fields: num_experts, top_k, activation (0 swiglu, 1 gelu_tanh, 2 gelu_erf), normalize_routing_weights.
+// INT fields: num_experts, top_k, activation (0 swiglu, 1 gelu_tanh, 2 gelu_erf), normalize_routing_weights;
+// optional weight_bits (16 default, or 4) and group_size (INT4: 32, 64 or 128). With weight_bits 4 the weights are
+// packed int32 codes fc1 [E,F,H/8], fc2 [E,H,I/8], hidden is fp16, and inputs 6-7 are the fp16 scales
+// fc1_scales [E,F,H/G], fc2_scales [E,H,I/G] (layout: runtime/plugins/README.md).
 #pragma once
 
 #include <NvInferRuntime.h>
@@ -21,13 +24,19 @@ namespace moe_llava {
 inline constexpr char kPluginName[] = "MoELlavaMoE";
 inline constexpr char kPluginVersion[] = "1";
 inline constexpr char kPluginNamespace[] = "moe_llava";
-inline constexpr int32_t kNbInputs = 6;
+inline constexpr int32_t kNbInputs = 6;      // float experts
+inline constexpr int32_t kNbInputsInt4 = 8;  // INT4 experts: + fc1_scales, fc2_scales
 
 struct MoeAttributes {
     int32_t num_experts = 0;
     int32_t top_k = 0;
     int32_t activation = 0;  // MoeActivation
     int32_t normalize_routing_weights = 1;
+    int32_t weight_bits = 16;  // 16: experts in hidden's dtype; 4: INT4 weight-only
+    int32_t group_size = 0;    // INT4 only
+
+    bool int4() const { return weight_bits == 4; }
+    int32_t nbInputs() const { return int4() ? kNbInputsInt4 : kNbInputs; }
 };
 
 class MoePlugin final : public nvinfer1::IPluginV3,

@@ -1,8 +1,9 @@
 // Test driver: runs moe_llava::moeForward under the CPU emulation (cuda_cpu_emulation.h) on raw little-endian
 // files written by test_plugin_kernels_emulated.py and writes the output and routing results back.
 //
-//   emu_driver T E K H I dtype(0 fp32, 1 fp16) activation normalize path misalign DIR
-//   reads  DIR/{hidden,logits,fc1_w,fc1_b,fc2_w,fc2_b}.bin   writes DIR/{out,topk_ids,topk_w}.bin
+//   emu_driver T E K H I dtype(0 fp32, 1 fp16) activation normalize path misalign DIR [weight_bits group_size]
+//   reads  DIR/{hidden,logits,fc1_w,fc1_b,fc2_w,fc2_b}.bin (+ fc1_s, fc2_s with weight_bits 4: INT4 experts)
+//   writes DIR/{out,topk_ids,topk_w}.bin
 // misalign=1 shifts every IO tensor by one element so the 16-byte vector paths are not taken.
 #include "moe_kernels.h"
 
@@ -44,8 +45,9 @@ struct Buffer {
 }  // namespace
 
 int main(int argc, char** argv) {
-    if (argc != 12) {
-        std::fprintf(stderr, "usage: emu_driver T E K H I dtype activation normalize path misalign DIR\n");
+    if (argc != 12 && argc != 14) {
+        std::fprintf(stderr, "usage: emu_driver T E K H I dtype activation normalize path misalign DIR "
+                             "[weight_bits group_size]\n");
         return 2;
     }
     using namespace moe_llava;
@@ -61,6 +63,11 @@ int main(int argc, char** argv) {
     p.path = static_cast<MoeGemmPath>(std::atoi(argv[9]));
     const size_t shift = std::atoi(argv[10]) ? (p.dtype == MoeDType::kFP16 ? 2 : 4) : 0;
     const std::string dir = argv[11];
+    if (argc == 14) {
+        p.weight_bits = std::atoi(argv[12]);
+        p.group_size = std::atoi(argv[13]);
+    }
+    const bool int4 = p.weight_bits == 4;
 
     Buffer hidden(readFile(dir + "/hidden.bin"), shift), logits(readFile(dir + "/logits.bin"), 0);
     Buffer fc1w(readFile(dir + "/fc1_w.bin"), shift), fc1b(readFile(dir + "/fc1_b.bin"), shift);
@@ -77,6 +84,12 @@ int main(int argc, char** argv) {
     p.fc2_weight = fc2w.data;
     p.fc2_bias = fc2b.data;
     p.output = out.data;
+    std::vector<char> none;
+    Buffer fc1s(int4 ? readFile(dir + "/fc1_s.bin") : none, 0), fc2s(int4 ? readFile(dir + "/fc2_s.bin") : none, 0);
+    if (int4) {
+        p.fc1_scales = fc1s.data;
+        p.fc2_scales = fc2s.data;
+    }
 
     const cudaError_t err = moeForward(p, workspace.data, nullptr);
     if (err != cudaSuccess) {

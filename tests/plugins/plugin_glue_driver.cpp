@@ -2,6 +2,7 @@
 // headers are needed, the kernels run under the CPU emulation. Built and run by test_plugin_glue_emulated.py.
 //
 //   plugin_glue_driver T E K H I DIR   (fp16, SwiGLU; inputs DIR/*.bin as for emu_driver, writes DIR/out.bin)
+// Then negotiates an INT4-experts node (shapes, types, workspace, serialisation; its kernels: test_plugin_int4_*).
 //
 // Prints one line per failed check and exits non-zero if any failed.
 #include "moe_plugin.h"
@@ -71,6 +72,53 @@ std::vector<char> readFile(const std::string& path) {
     return std::vector<char>(std::istreambuf_iterator<char>(f), {});
 }
 
+// INT4 experts (weight_bits 4, group 32; H and I multiples of 32): 8 inputs, int32 codes, fp16 scales.
+void checkInt4Negotiation(IPluginCreatorV3One& creator, CollectingLogger& logger, int E, int K, int H, int I) {
+    std::vector<PluginField> storage;
+    const std::vector<Field> fields = {{"num_experts", E}, {"top_k", K}, {"activation", 0},
+                                       {"normalize_routing_weights", 1}, {"weight_bits", 4}, {"group_size", 32}};
+    const PluginFieldCollection fc = fieldsOf(storage, fields);
+    IPluginV3* plugin = creator.createPlugin("moe_int4", &fc, TensorRTPhase::kBUILD);
+    CHECK(plugin != nullptr);
+    if (plugin == nullptr) return;
+    auto* build = static_cast<IPluginV3OneBuild*>(plugin->getCapabilityInterface(PluginCapabilityType::kBUILD));
+    const DataType kTypes[9] = {DataType::kHALF, DataType::kFLOAT, DataType::kINT32, DataType::kHALF,
+                                DataType::kINT32, DataType::kHALF, DataType::kHALF, DataType::kHALF, DataType::kHALF};
+    const Dims shapes[8] = {dims({-1, H}), dims({-1, E}), dims({E, 2 * I, H / 8}), dims({E, 2 * I}),
+                            dims({E, H, I / 8}), dims({E, H}), dims({E, 2 * I, H / 32}), dims({E, H, I / 32})};
+    DynamicPluginTensorDesc io[9]{};
+    for (int i = 0; i < 9; ++i) {
+        io[i].desc.format = TensorFormat::kLINEAR;
+        io[i].desc.type = kTypes[i];
+        io[i].desc.dims = io[i].min = io[i].opt = io[i].max = i < 8 ? shapes[i] : shapes[0];
+    }
+    for (int pos = 0; pos < 9; ++pos) CHECK(build->supportsFormatCombination(pos, io, 8, 1));
+    CHECK(!build->supportsFormatCombination(0, io, 6, 1));  // 6 inputs is the float node
+    io[2].desc.type = DataType::kHALF;
+    CHECK(!build->supportsFormatCombination(2, io, 8, 1));  // codes are int32 words
+    io[2].desc.type = DataType::kINT32;
+    io[0].desc.type = DataType::kFLOAT;
+    CHECK(!build->supportsFormatCombination(0, io, 8, 1));  // INT4 experts need fp16 hidden
+    io[0].desc.type = DataType::kHALF;
+    io[0].max.d[0] = io[1].max.d[0] = 16;
+    logger.errors.clear();
+    CHECK(build->configurePlugin(io, 8, io + 8, 1) == 0);
+    CHECK(logger.errors.empty());
+    CHECK(build->getWorkspaceSize(io, 8, io + 8, 1) ==
+          moe_llava::moeWorkspaceSize(16, E, K, H, I, moe_llava::MoeDType::kFP16));  // I unpacked from I/8
+    io[7].desc.dims = dims({E, H, I / 64});  // scales of another group size
+    CHECK(build->configurePlugin(io, 8, io + 8, 1) != 0);
+    CHECK(logger.errors.find("fc2_scales") != std::string::npos);
+    auto* runtime = static_cast<IPluginV3OneRuntime*>(plugin->getCapabilityInterface(PluginCapabilityType::kRUNTIME));
+    const PluginFieldCollection* saved = runtime->getFieldsToSerialize();
+    CHECK(saved->nbFields == 6 && *static_cast<const int32_t*>(saved->fields[4].data) == 4 &&
+          *static_cast<const int32_t*>(saved->fields[5].data) == 32);
+    IPluginV3* restored = creator.createPlugin("moe_int4", saved, TensorRTPhase::kRUNTIME);
+    CHECK(restored != nullptr);
+    delete restored;
+    delete plugin;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -96,8 +144,10 @@ int main(int argc, char** argv) {
     CHECK(std::strcmp(creator->getPluginVersion(), "1") == 0);
     CHECK(std::strcmp(creator->getPluginNamespace(), "moe_llava") == 0);
     const PluginFieldCollection* names = creator->getFieldNames();
-    CHECK(names->nbFields == 4);
+    CHECK(names->nbFields == 6);
     CHECK(std::strcmp(names->fields[3].name, "normalize_routing_weights") == 0);
+    CHECK(std::strcmp(names->fields[4].name, "weight_bits") == 0);
+    CHECK(std::strcmp(names->fields[5].name, "group_size") == 0);
 
     // Field validation: each bad collection is refused with a logged reason.
     std::vector<PluginField> storage;
@@ -112,6 +162,10 @@ int main(int argc, char** argv) {
         {{{"num_experts", 0}, {"top_k", 1}, {"activation", 0}, {"normalize_routing_weights", 1}}, "num_experts=0"},
         {{{"num_experts", E}, {"top_k", K}, {"activation", 0}, {"normalize_routing_weights", 2}},
          "normalize_routing_weights=2"},
+        {{{"num_experts", E}, {"top_k", K}, {"activation", 0}, {"normalize_routing_weights", 1}, {"weight_bits", 8}},
+         "weight_bits=8"},
+        {{{"num_experts", E}, {"top_k", K}, {"activation", 0}, {"normalize_routing_weights", 1}, {"weight_bits", 4},
+          {"group_size", 48}}, "group_size=48"},
     };
     for (const BadCase& c : bad) {
         logger.errors.clear();
@@ -188,7 +242,7 @@ int main(int argc, char** argv) {
 
     // Serialisation round trip (runtime phase) and clones.
     const PluginFieldCollection* saved = runtime->getFieldsToSerialize();
-    CHECK(saved->nbFields == 4);
+    CHECK(saved->nbFields == 6);
     IPluginV3* restored = creator->createPlugin("moe", saved, TensorRTPhase::kRUNTIME);
     CHECK(restored != nullptr);
     IPluginV3* cloned = plugin->clone();
@@ -198,7 +252,7 @@ int main(int argc, char** argv) {
     if (cloned != nullptr) {
         auto* rt = static_cast<IPluginV3OneRuntime*>(cloned->getCapabilityInterface(PluginCapabilityType::kRUNTIME));
         const PluginFieldCollection* f = rt->getFieldsToSerialize();
-        CHECK(f->nbFields == 4 && *static_cast<const int32_t*>(f->fields[0].data) == E &&
+        CHECK(f->nbFields == 6 && *static_cast<const int32_t*>(f->fields[0].data) == E &&
               *static_cast<const int32_t*>(f->fields[1].data) == K);
         CHECK(f->fields[0].data != saved->fields[0].data);  // the clone owns its field storage
     }
@@ -230,6 +284,7 @@ int main(int argc, char** argv) {
     std::ofstream(dir + "/out.bin", std::ios::binary).write(output.data(), static_cast<std::streamsize>(output.size()));
     delete attached;
     delete plugin;
+    checkInt4Negotiation(*creator, logger, E, K, /*H=*/64, /*I=*/32);
 
     std::printf("%d failed checks\n", gFailures);
     return gFailures == 0 ? 0 : 1;

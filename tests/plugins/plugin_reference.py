@@ -6,6 +6,7 @@ The reference is written from the node contract (runtime/plugins/README.md), ind
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import shutil
@@ -61,6 +62,32 @@ class MoeCase:
 
     def inputs(self) -> list[np.ndarray]:
         return [self.hidden, self.logits, self.fc1_w, self.fc1_b, self.fc2_w, self.fc2_b]
+
+
+@dataclass
+class Int4Experts:
+    """A case's expert weights quantised as the INT4 node carries them (calibration/blockwise.py's quantiser).
+
+    codes uint8 [E, N, K/2] (the node's int32 [E, N, K/8] words, byte for byte), scales fp16 [E, N, K/G], and
+    `case` a copy of the original whose fc1_w/fc2_w are the dequantised float32 weights - the reference's input.
+    """
+
+    fc1_codes: np.ndarray
+    fc1_scales: np.ndarray
+    fc2_codes: np.ndarray
+    fc2_scales: np.ndarray
+    case: MoeCase
+
+
+def quantize_int4(case: MoeCase, group: int) -> Int4Experts:
+    from calibration.blockwise import BlockQuant, dequantize, quantize
+
+    spec = BlockQuant(4, group)
+    c1, s1 = quantize(case.fc1_w.astype(np.float16), spec)
+    c2, s2 = quantize(case.fc2_w.astype(np.float16), spec)
+    ref = copy.copy(case)
+    ref.fc1_w, ref.fc2_w = dequantize(c1, s1, spec), dequantize(c2, s2, spec)
+    return Int4Experts(c1, s1.astype(np.float16), c2, s2.astype(np.float16), ref)
 
 
 def route(logits: np.ndarray, k: int, normalize: bool) -> tuple[np.ndarray, np.ndarray]:
