@@ -162,7 +162,7 @@ IPluginV3* runtimePhase(IPluginCreatorV3One* creator, IPluginV3* built, const Si
                         PluginTensorDesc& out) {
     auto* builtRt = static_cast<IPluginV3OneRuntime*>(built->getCapabilityInterface(PluginCapabilityType::kRUNTIME));
     const PluginFieldCollection* saved = builtRt->getFieldsToSerialize();
-    CHECK(saved != nullptr && saved->nbFields == 4);
+    CHECK(saved != nullptr && saved->nbFields == 6);  // num_experts, top_k, activation, normalize, weight_bits, group_size
     // TensorRT copies the field data into the plan; copy it here too so nothing points into `built`.
     std::vector<int32_t> values;
     std::vector<PluginField> fields;
