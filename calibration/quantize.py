@@ -51,12 +51,12 @@ def export_quantized(model: str | Path, out: str | Path, moe_impl="auto", precis
     out = Path(out)
     check_target(out)
     impl = MoEImpl(moe_impl).resolve("onnx")
-    if impl is MoEImpl.PLUGIN and p is not QuantPrecision.INT4:
+    if impl is MoEImpl.PLUGIN and p is not Precision.INT4:
         raise UserError("--moe-impl plugin graphs need TensorRT: quantise them with --target tensorrt (ModelOpt); "
                         "for onnxruntime use --moe-impl ort or portable")
     loaded = load_pretrained(model, vision_tower)
     if impl is MoEImpl.PLUGIN:  # INT4 weight-only graphs for TensorRT (plugin INT4 experts), no calibration
-        from export.int4_export import export_int4_for_tensorrt
+        from .trt_int4_export import export_int4_for_tensorrt
         return export_int4_for_tensorrt(loaded, out, validate, synthetic, pope_per_split)
     # the candidates first: bad --calib-data fails before the (slow) graph export
     samples = load_samples(calib_data, loaded.template, synthetic) if p.needs_calibration else []

@@ -17,6 +17,12 @@ def export_tensorrt_quantised(calib_data: str | Path | None = None, calib_min_to
                               **build) -> Path:
     """export_tensorrt(**build) whose quantised graphs come from the coverage-driven calibration set."""
     def write_quantised(model, stage: Path, impl: str, precision: str, vision_tower, plugins=None) -> None:
+        if precision == "int4" and impl == "plugin":  # INT4 experts in the plugin + INT4 DQ MatMuls, no calibration
+            from moe_llava.loading import load_pretrained
+
+            from .trt_int4_export import export_int4_for_tensorrt
+            export_int4_for_tensorrt(load_pretrained(model, vision_tower), stage)
+            return
         try:
             from .modelopt_qdq import export_modelopt
         except ImportError:

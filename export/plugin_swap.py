@@ -2,29 +2,33 @@
 
 `moe_llava.MoELlavaMoE` and `com.microsoft.MoE` compute the same function (see moe_lowering.py); only the
 SwiGLU row layout of fc1 differs ([gate; up] for the plugin, interleaved for onnxruntime). A plugin node with
-INT4 experts (weight_bits=4) becomes `com.microsoft.QMoE` reading the same codes and scales (the plugin's int32
-words viewed as QMoE's uint8 bytes: one layout, calibration/blockwise.py). The swapped graph is what validation
-runs; the exported graph keeps the plugin nodes.
+INT4 experts (weight_bits=4) becomes `com.microsoft.QMoE` reading the same codes and scales, built by the
+calibration layer that owns the INT4 format (`int4_node`, calibration.trt_int4.qmoe_twin). The swapped graph is
+what validation runs; the exported graph keeps the plugin nodes.
 """
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from calibration.blockwise import BlockQuant
-from calibration.qmoe import qmoe_node
+from runtime.errors import UserError
 
 from .moe_lowering import PLUGIN_ACTIVATION, PLUGIN_OP
 
 _ACTIVATION_NAMES = {v: k for k, v in PLUGIN_ACTIVATION.items()}
 
 
-def swap_plugin_nodes(model: onnx.ModelProto) -> int:
-    """In place: every MoELlavaMoE node becomes com.microsoft.MoE; returns how many were swapped."""
+Int4Twin = Callable[[onnx.ModelProto, onnx.NodeProto, list, int], onnx.NodeProto]
+
+
+def swap_plugin_nodes(model: onnx.ModelProto, int4_node: Int4Twin | None = None) -> int:
+    """In place: every MoELlavaMoE node becomes com.microsoft.MoE (INT4 ones: `int4_node`'s QMoE); returns how
+    many were swapped."""
     initializers = {t.name: t for t in model.graph.initializer}
     swapped = 0
     for index, node in enumerate(model.graph.node):
@@ -48,7 +52,10 @@ def swap_plugin_nodes(model: onnx.ModelProto) -> int:
                                activation_type="swiglu" if extra else "gelu",
                                normalize_routing_weights=attrs["normalize_routing_weights"], **extra)
         if int4:
-            moe = _qmoe(model, moe, inputs, attrs["group_size"])
+            if int4_node is None:
+                raise UserError("INT4 plugin nodes are validated by the calibration layer "
+                                "(calibration.trt_int4.qmoe_twin)")
+            moe = int4_node(model, moe, inputs, attrs["group_size"])
         model.graph.node.remove(node)
         model.graph.node.insert(index, moe)
         model.graph.node.insert(index, cast)
@@ -56,19 +63,6 @@ def swap_plugin_nodes(model: onnx.ModelProto) -> int:
     if swapped and not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return swapped
-
-
-def _qmoe(model: onnx.ModelProto, moe: onnx.NodeProto, inputs: list[str], group: int) -> onnx.NodeProto:
-    """The QMoE twin of an INT4 plugin node (`moe`: its com.microsoft.MoE form, `inputs`: the plugin's, SwiGLU
-    rows already interleaved): codes as uint8 [E,N,K/2] - the same bytes - and the fp16 scales."""
-    inits = {t.name: t for t in model.graph.initializer}
-    names = {"fc1_scales": inputs[6], "fc2_scales": inputs[7]}
-    for key, slot in (("fc1", 2), ("fc2", 4)):
-        names[key] = inputs[slot] + "/uint8"
-        codes = numpy_helper.to_array(inits[inputs[slot]])
-        model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(codes).view(np.uint8),
-                                                               names[key]))
-    return qmoe_node(moe, names, BlockQuant(4, group))
 
 
 def _interleaved_copy(model: onnx.ModelProto, tensor: onnx.TensorProto) -> str:
@@ -81,14 +75,14 @@ def _interleaved_copy(model: onnx.ModelProto, tensor: onnx.TensorProto) -> str:
     return name
 
 
-def ort_equivalent_dir(export_dir: Path, target: Path) -> Path:
+def ort_equivalent_dir(export_dir: Path, target: Path, int4_node: Int4Twin | None = None) -> Path:
     """A copy of `export_dir` whose decoder.onnx has the plugin nodes swapped (weights inlined)."""
     target.mkdir(parents=True, exist_ok=True)
     for path in export_dir.iterdir():
         if path.is_file() and not path.name.startswith("decoder.onnx"):
             shutil.copy(path, target / path.name)
     model = onnx.load(str(export_dir / "decoder.onnx"))  # loads external data too
-    swap_plugin_nodes(model)
+    swap_plugin_nodes(model, int4_node)
     onnx.save(model, str(target / "decoder.onnx"), save_as_external_data=model.ByteSize() > (1 << 30),
               location="decoder.onnx.data")
     return target

@@ -162,12 +162,6 @@ def _export_checkpoint(model, stage: Path, impl: str, precision: str, vision_tow
                        write_quantised: QuantisedWriter | None) -> None:
     """The ONNX export (validated against PyTorch) straight into the staging directory."""
     from .moe_lowering import MoEImpl
-    if precision == "int4" and impl == MoEImpl.PLUGIN.value:  # INT4 experts in the plugin + INT4 DQ MatMuls
-        from moe_llava.loading import load_pretrained
-
-        from .int4_export import export_int4_for_tensorrt
-        export_int4_for_tensorrt(load_pretrained(model, vision_tower), stage)
-        return
     if precision in QUANTISED:  # TensorRT takes ModelOpt Q/DQ graphs (QMoE / MatMulNBits are onnxruntime ops)
         if write_quantised is None:
             raise UserError(f"--precision {precision} from a checkpoint is built by calibration.tensorrt_quantised "

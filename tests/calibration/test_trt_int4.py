@@ -9,7 +9,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from calibration.blockwise import BlockQuant, dequantize, quantize
 from export.plugin_swap import swap_plugin_nodes
-from export.trt_int4 import group_for, quantize_for_tensorrt
+from calibration.trt_int4 import group_for, qmoe_twin, quantize_for_tensorrt
 
 E, H, I, HEAD = 4, 64, 32, 48
 
@@ -45,7 +45,7 @@ def graph(ws: dict[str, np.ndarray], activation: int) -> onnx.ModelProto:
 
 def run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
     model = onnx.ModelProto.FromString(model.SerializeToString())
-    swap_plugin_nodes(model)
+    swap_plugin_nodes(model, qmoe_twin)
     return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
 
 
@@ -107,7 +107,7 @@ def test_group_prefers_128():
 
 
 def test_experts_no_group_divides_are_refused():
-    from export.trt_int4 import quantize_plugin_experts
+    from calibration.trt_int4 import quantize_plugin_experts
     from runtime.errors import UserError
     model = graph(weights(1), 1)
     inits = {t.name: t for t in model.graph.initializer}

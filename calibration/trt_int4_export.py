@@ -6,7 +6,7 @@ validated in onnxruntime against PyTorch fp32.
                                                                    on the device with --target tensorrt --from-onnx)
 
 The graphs are fp16 (the plugin's INT4 experts take fp16 activations) with INT4 weights; validation runs the
-plugin nodes as onnxruntime's QMoE on the same codes (plugin_swap.py) and applies the int4 gates of
+plugin nodes as onnxruntime's QMoE on the same codes (export/plugin_swap.py with qmoe_twin) and applies the int4 gates of
 calibration/validation.py (logit cosine, router agreement, POPE). OUT is staged: a failure leaves nothing.
 """
 from __future__ import annotations
@@ -18,8 +18,8 @@ from pathlib import Path
 
 from runtime.manifest import MANIFEST_FILE, Manifest
 
-from .output_dir import staged_output
-from .trt_int4 import GROUP_SIZES, quantize_for_tensorrt
+from export.output_dir import staged_output
+from .trt_int4 import GROUP_SIZES, qmoe_twin, quantize_for_tensorrt
 
 QUANTISED_PARTS = ("vision", "projector", "decoder")  # embed stays an fp16 Gather table
 METHOD = (f"TensorRT weight-only, round-to-nearest, symmetric: MoE experts INT4 in the MoELlavaMoE plugin "
@@ -31,8 +31,8 @@ METHOD = (f"TensorRT weight-only, round-to-nearest, symmetric: MoE experts INT4 
 def export_int4_for_tensorrt(loaded, out: Path, validate: bool = True, synthetic=None,
                              pope_per_split: int | None = None) -> Path:
     """The INT4 TensorRT graphs of `loaded` (a LoadedModel) in `out`; returns `out`."""
-    from .moe_lowering import MoEImpl
-    from .onnx_export import Precision, write_export
+    from export.moe_lowering import MoEImpl
+    from export.onnx_export import Precision, write_export
     out = Path(out)
     with staged_output(out) as staging, tempfile.TemporaryDirectory(prefix=f".{out.name}.fp16.",
                                                                      dir=out.parent) as fp16_dir:
@@ -45,7 +45,7 @@ def export_int4_for_tensorrt(loaded, out: Path, validate: bool = True, synthetic
 
 def int4_export_dir(fp16_dir: Path, out_dir: Path) -> Manifest:
     """An fp16 plugin export directory -> the INT4 one in `out_dir` (graphs, embed, tokenizer, manifest)."""
-    from calibration.ort_quant import load, save
+    from .ort_quant import load, save
     source = Manifest.load(fp16_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     reports = {}
@@ -65,11 +65,11 @@ def int4_export_dir(fp16_dir: Path, out_dir: Path) -> Manifest:
 def validate_int4(loaded, directory: Path, synthetic=None, pope_per_split: int | None = None) -> dict:
     """calibration/validation.py's int4 report for `directory`, run on its onnxruntime twin; validation.json
     lands in `directory`. Raises (UserError) when a gate fails."""
-    from calibration.validation import validate_quantized
+    from export.plugin_swap import ort_equivalent_dir
 
-    from .plugin_swap import ort_equivalent_dir
+    from .validation import validate_quantized
     with tempfile.TemporaryDirectory() as tmp:
-        twin = ort_equivalent_dir(directory, Path(tmp))
+        twin = ort_equivalent_dir(directory, Path(tmp), int4_node=qmoe_twin)
         report = validate_quantized(loaded, twin, synthetic=synthetic, pope_per_split=pope_per_split)
     report["validated_with"] = ("plugin nodes swapped for com.microsoft.QMoE on the same INT4 codes "
                                 "(onnxruntime CPU)")

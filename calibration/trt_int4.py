@@ -20,12 +20,13 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from calibration.blockwise import BlockQuant, quantize
-from calibration.graph import drop_unused_initializers, gemm_to_matmul, initializers, output_heads, router_nodes, \
-    weight_nodes
+from export.moe_lowering import PLUGIN_OP
 from runtime.errors import UserError
 
-from .moe_lowering import PLUGIN_OP
+from .blockwise import BlockQuant, quantize
+from .graph import drop_unused_initializers, gemm_to_matmul, initializers, output_heads, router_nodes, \
+    weight_nodes
+from .qmoe import qmoe_node
 
 GROUP_SIZES = (128, 64, 32)  # preferred first; the plugin kernels take exactly these
 DQ_OPSET = 21                # DequantizeLinear with int4 and block_size
@@ -135,3 +136,16 @@ def _require_opset(model: onnx.ModelProto, version: int) -> None:
         if opset.domain in ("", "ai.onnx") and opset.version < version:
             opset.version = version  # 18 -> 21 adds types and block quantisation; no op changes meaning
     model.ir_version = max(model.ir_version, 10)  # INT4 tensors
+
+
+def qmoe_twin(model: onnx.ModelProto, moe: onnx.NodeProto, inputs: list[str], group: int) -> onnx.NodeProto:
+    """The QMoE twin of an INT4 plugin node (`moe`: its com.microsoft.MoE form, `inputs`: the plugin's, SwiGLU
+    rows already interleaved): codes as uint8 [E,N,K/2] - the same bytes - and the fp16 scales."""
+    inits = {t.name: t for t in model.graph.initializer}
+    names = {"fc1_scales": inputs[6], "fc2_scales": inputs[7]}
+    for key, slot in (("fc1", 2), ("fc2", 4)):
+        names[key] = inputs[slot] + "/uint8"
+        codes = numpy_helper.to_array(inits[inputs[slot]])
+        model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(codes).view(np.uint8),
+                                                               names[key]))
+    return qmoe_node(moe, names, BlockQuant(4, group))
