@@ -36,7 +36,7 @@ class TorchEngine:
     def keep(self, positions: int) -> None:
         if not 0 <= positions <= self.cache_length:
             raise ValueError(f"cannot keep {positions} of {self.cache_length} cached positions")
-        self.cache.crop(positions)
+        self.cache.crop(positions - self.cache_length)  # transformers 5: a negative count of positions to drop
 
     @property
     def cache_length(self) -> int:
