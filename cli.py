@@ -169,5 +169,11 @@ def eval_main(argv=None) -> int:
     return _guarded(eval_command, eval_parser(), argv)
 
 
+# ---- moe-serve (parser lives with the server code) ------------------------------------------------
+def serve_main(argv=None) -> int:
+    from runtime.serve.command import serve_command, serve_parser
+    return _guarded(serve_command, serve_parser(), argv)
+
+
 if __name__ == "__main__":
     sys.exit(run_main())
