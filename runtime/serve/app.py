@@ -145,10 +145,10 @@ def add_error_handlers(app: FastAPI) -> None:
         first = exc.errors()[0]
         if first.get("type") == "json_invalid":
             return error_response(400, f"the request body is not valid JSON: {first.get('msg')}", "invalid_json")
-        where = ".".join(str(part) for part in first.get("loc", ()) if part != "body")
+        where = ".".join(str(part) for part in first.get("loc", ()) if part != "body") or "the request body"
         count = len(exc.errors())
         more = f" (and {count - 1} more problem{'s' if count > 2 else ''})" if count > 1 else ""
-        return error_response(400, f"{where}: {first.get('msg')}{more}", "invalid_value", where or None)
+        return error_response(400, f"{where}: {first.get('msg')}{more}", "invalid_value", where)
 
     @app.exception_handler(HTTPException)
     async def http_error(_request: Request, exc: HTTPException) -> JSONResponse:
