@@ -83,9 +83,11 @@ def build_prompt(template: Template, question: str, with_image: bool = True) -> 
 def build_conversation(template: Template, turns: list[Turn], with_image: bool = True) -> str:
     """Generation prompt of a conversation whose last turn is unanswered (the reference's multi-turn format:
     "... USER: {q1} ASSISTANT: {a1}<|endoftext|>USER: {q2} ASSISTANT:"). Without an "<image>" in any
-    question, the image goes first in the first one, as the reference CLI puts it."""
+    question, the image goes first in the first one, as the reference CLI puts it. An answer's leading space
+    is the template's (the model emits it as part of its first token), so answers are passed without it."""
     if not turns or turns[-1].answer is not None:
         raise ValueError("a generation prompt ends with an unanswered turn")
+    turns = [Turn(t.question, None if t.answer is None else t.answer.lstrip(" ")) for t in turns]
     if with_image and not any(IMAGE_PLACEHOLDER in turn.question for turn in turns):
         sep = "" if Template(template) is Template.PLAIN else "\n"
         turns = [Turn(IMAGE_PLACEHOLDER + sep + turns[0].question, turns[0].answer), *turns[1:]]
