@@ -237,6 +237,8 @@ class DeviceDecoder(_DecoderBase):
         follow-up turn (OrtValue has no device-side slice), much less than prefilling the kept positions."""
         if not 0 <= positions <= self.length:
             raise ValueError(f"cannot keep {positions} of {self.length} cached positions")
+        if positions == self.length:
+            return
         self.past = [self.ort.OrtValue.ortvalue_from_numpy(
             np.ascontiguousarray(value.numpy()[:, :, :positions]), self.device, 0) for value in self.past]
         self.length = positions

@@ -26,7 +26,7 @@ from runtime.settings import GenerationSettings
 
 DEFAULT_MAX_TOKENS = 512  # when neither the request nor the engine bounds the answer
 ERROR_TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 429: "server_busy",
-               500: "server_error", 504: "timeout"}
+               500: "server_error", 503: "server_error", 504: "timeout"}
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,10 @@ class Job:
     def should_stop(self) -> bool:
         return self.cancelled.is_set() or time.monotonic() > self.deadline
 
+    @property
+    def timed_out(self) -> bool:
+        return not self.cancelled.is_set() and time.monotonic() > self.deadline
+
 
 @dataclass
 class Stats:
@@ -58,12 +62,15 @@ class Worker:
         self.jobs: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
         self.stats = Stats()
         self.busy = False
+        self._closing = threading.Event()
         self._thread = threading.Thread(target=self._run, name="moe-serve-engine", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
     def stop(self) -> None:
+        """Server shutdown: the running job stops at its next piece, queued ones are told the server is going."""
+        self._closing.set()
         self.jobs.put(None)  # after the jobs already queued
         self._thread.join()
 
@@ -85,6 +92,9 @@ class Worker:
                 self.busy = False
 
     def _serve(self, job: Job) -> None:
+        if self._closing.is_set():
+            job.emit(EventKind.ERROR, (503, "the server is shutting down"))
+            return
         if job.should_stop():  # the client left or the deadline passed while it waited
             self._stopped(job)
             return
@@ -92,7 +102,7 @@ class Worker:
         stopped = False
         try:
             for piece in pieces:
-                if job.should_stop():
+                if job.should_stop() or self._closing.is_set():
                     stopped = True
                     break
                 job.emit(EventKind.PIECE, piece)
@@ -113,9 +123,11 @@ class Worker:
         job.emit(EventKind.DONE, self.pipeline.last_result)
 
     def _stopped(self, job: Job) -> None:
-        if job.cancelled.is_set():
+        if job.timed_out:
+            self.stats.timed_out += 1
+            job.emit(EventKind.ERROR, (504, f"the request took longer than the server's limit of {self.timeout_s:g} s"))
+        elif job.cancelled.is_set():
             self.stats.cancelled += 1
-            return
-        self.stats.timed_out += 1
-        job.emit(EventKind.ERROR, (504, f"the request took longer than the server's limit of {self.timeout_s:g} s"))
+        else:
+            job.emit(EventKind.ERROR, (503, "the server is shutting down"))
 
