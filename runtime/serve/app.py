@@ -6,7 +6,6 @@ the server serving; a full queue answers 429.
 from __future__ import annotations
 
 import json
-import time
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, field
 

@@ -37,7 +37,10 @@ class Job:
     cancelled: threading.Event = field(default_factory=threading.Event)
 
     def emit(self, kind: EventKind, payload) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, payload))
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, payload))
+        except RuntimeError:  # the event loop is closed: the server is gone, nobody is listening
+            self.cancelled.set()
 
     def should_stop(self) -> bool:
         return self.cancelled.is_set() or time.monotonic() > self.deadline
