@@ -192,3 +192,15 @@ def test_request_past_its_time_limit_is_a_504(export_dir):
             status, body = post(url + "/v1/chat/completions", chat(max_tokens=200))
             assert status == 504 and "limit of 0.3 s" in body["error"]["message"]
             assert get(url + "/health")["timed_out"] == 1
+
+
+@pytest.mark.parametrize("args, words", [(["--engine-dir", "{missing}"], "does not exist"),
+                                         (["--engine-dir", "{export}", "--image-root", "{missing}"],
+                                          "not a directory"),
+                                         (["--engine-dir", "{export}", "--max-queue", "0"], "--max-queue")])
+def test_moe_serve_bad_flags_are_one_error_line(export_dir, tmp_path, capsys, args, words):
+    import cli
+    argv = [a.format(missing=tmp_path / "nope", export=export_dir) for a in args]
+    code = cli.serve_main(argv)
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and err.startswith("error:") and words in err
