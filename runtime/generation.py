@@ -83,7 +83,7 @@ class Pipeline:
 
     def __init__(self, engine: Engine, tokenizer, template: Template, image_spec: ImageSpec,
                  eos_token_id: int, bos_token_id: int | None = None,
-                 preprocess: Callable[[Image.Image], np.ndarray] | None = None):
+                 preprocess: Callable[[Image.Image], np.ndarray] | None = None, visual_tokens: int = 0):
         self.engine = engine
         self.tokenizer = tokenizer  # tokenizers.Tokenizer
         self.template = Template(template)
@@ -95,7 +95,9 @@ class Pipeline:
         self.max_len = engine.max_len if isinstance(engine, ContextLimited) else None
         self.reuses_prefix = isinstance(engine, PrefixCaching)
         self.last_result: GenerationResult | None = None
-        self._cache = PrefixCache([])  # what the engine's KV cache holds
+        # what the engine's KV cache holds; visual_tokens (P, 0 = unknown until the first image) lets a prompt
+        # that cannot fit fail before its image is encoded
+        self._cache = PrefixCache([], visual_tokens)
 
     def close(self) -> None:
         self.engine.close()
@@ -168,7 +170,7 @@ class Pipeline:
         yield from self._answer(logits, history, settings, clock, prompt_positions, cached)
 
     def _check_prompt_fits(self, ids: list[int], with_image: bool) -> None:
-        """Before any work where the number of visual tokens is known (it is after the first image)."""
+        """Before any work where the number of visual tokens is known (the export's, or the last image's)."""
         visual = (self._cache.visual_tokens if with_image else 0)
         needed = len(ids) - int(with_image) + visual
         if self.max_len is not None and needed > self.max_len:

@@ -12,6 +12,7 @@ ort = pytest.importorskip("onnxruntime")
 
 from rt_helpers import EOS, TINY_SPEC, FakeEngine, build_tiny_export, byte_tokenizer, expected_logits  # noqa: E402
 from runtime.engine import PrefixCaching  # noqa: E402
+from runtime.errors import UserError  # noqa: E402
 from runtime.generation import Pipeline  # noqa: E402
 from runtime.kv_cache import KVCache  # noqa: E402
 from runtime.ort_engine import DeviceDecoder, OrtEngine  # noqa: E402
@@ -94,3 +95,16 @@ def test_an_engine_without_the_capability_prefills_every_turn():
     pipe.chat([Turn("a")])
     result = pipe.chat([Turn("a", ""), Turn("b")])
     assert not pipe.reuses_prefix and result.cached_tokens == 0 and len(engine.prefill_inputs) == 2
+
+
+def test_image_prompt_over_the_context_fails_before_the_image_is_encoded(tiny):
+    out, _ = tiny
+    image = Image.new("RGB", (8, 8), (1, 2, 3))
+    with load_pipeline(out) as probe:
+        needed = len(probe.prompt_ids("q", with_image=True)) - 1 + 4  # text + P=4 visual positions
+    with load_pipeline(out, max_len=needed - 1) as pipe:
+        encoded = []
+        pipe.engine.encode_images = lambda pixels: encoded.append(pixels)
+        with pytest.raises(UserError, match=f"needs {needed} positions"):
+            pipe.generate(image, "q")
+    assert encoded == []
