@@ -11,7 +11,8 @@ import sys
 from runtime.errors import run_command
 
 COMMANDS = {"moe-run": "commands.run", "moe-export": "commands.export", "moe-bench": "benchmarks.command",
-            "moe-train": "moe_llava.train.command", "moe-eval": "moe_llava.train.eval_command"}
+            "moe-train": "moe_llava.train.command", "moe-eval": "moe_llava.train.eval_command",
+            "moe-serve": "commands.serve"}
 
 
 def _entry(script: str, argv) -> int:
@@ -37,6 +38,10 @@ def train_main(argv=None) -> int:
 
 def eval_main(argv=None) -> int:
     return _entry("moe-eval", argv)
+
+
+def serve_main(argv=None) -> int:
+    return _entry("moe-serve", argv)
 
 
 if __name__ == "__main__":

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import argparse
 
-from runtime.errors import UserError
-
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moe-run", description="Answer a question about an image with MoE-LLaVA, "
@@ -14,10 +12,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--engine-dir", help="export directory written by moe-export (no torch needed)")
     p.add_argument("--image", help="image file; omit for a text-only prompt")
     p.add_argument("--prompt", required=True, help="the question; the model's chat template is applied")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    add_generation_flags(p)
     p.add_argument("--vision-tower", help="local CLIP/SigLIP directory overriding the config's mm_image_tower")
     p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt"],
                    help="engine library for --engine-dir")
@@ -28,10 +23,34 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def add_generation_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("generation")
+    g.add_argument("--max-new-tokens", type=int, default=64, help="answer length limit (finish reason 'length')")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep this much probability mass")
+    g.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = off)")
+    g.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="> 1 discourages tokens already in the context (transformers' definition; 1 = off)")
+    g.add_argument("--frequency-penalty", type=float, default=0.0,
+                   help="[-2, 2]: subtract this times a token's count in the answer (OpenAI's definition)")
+    g.add_argument("--presence-penalty", type=float, default=0.0,
+                   help="[-2, 2]: subtract this from every token already in the answer (OpenAI's definition)")
+    g.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="end the answer before this text (repeatable, up to 4)")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed")
+
+
+def generation_settings(args: argparse.Namespace):
+    from runtime.settings import GenerationSettings
+    return GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                              top_k=args.top_k, repetition_penalty=args.repetition_penalty,
+                              frequency_penalty=args.frequency_penalty, presence_penalty=args.presence_penalty,
+                              stop=tuple(args.stop), seed=args.seed)
+
+
 def main(args: argparse.Namespace) -> int:
     from runtime.cli_output import run_to_stdout
-    if args.max_new_tokens < 1:
-        raise UserError("--max-new-tokens must be at least 1")
+    settings = generation_settings(args)  # checked before any model is loaded
     from runtime.device import Device
     if args.engine_dir:
         from runtime.device import open_runtime
@@ -43,5 +62,4 @@ def main(args: argparse.Namespace) -> int:
         pipeline = torch_pipeline(args.model, vision_tower=args.vision_tower, device=choice.device.value)
         choice.announce("moe-run")
     with pipeline:
-        return run_to_stdout(pipeline, args.image, args.prompt, args.max_new_tokens, args.temperature,
-                             args.top_p, args.seed, args.json)
+        return run_to_stdout(pipeline, args.image, args.prompt, settings, args.json)

@@ -34,6 +34,23 @@ class TorchEngine:
         return self._step(torch.from_numpy(inputs_embeds).to(self.device, self.dtype)[None])  # [1,S,H]
 
     @torch.inference_mode()
+    def extend(self, inputs_embeds: np.ndarray) -> np.ndarray:
+        return self._step(torch.from_numpy(inputs_embeds).to(self.dtype)[None])          # [1,S,H]
+
+    def keep(self, positions: int) -> None:
+        if not 0 <= positions <= self.cache_length:
+            raise ValueError(f"cannot keep {positions} of {self.cache_length} cached positions")
+        self.cache.crop(positions - self.cache_length)  # transformers 5: a negative count of positions to drop
+
+    @property
+    def cache_length(self) -> int:
+        return 0 if self.cache is None else self.cache.get_seq_length()
+
+    @property
+    def max_len(self) -> int:
+        return self.model.language_model.config.max_position_embeddings
+
+    @torch.inference_mode()
     def decode(self, token_id: int) -> np.ndarray:
         embeds = self.model.embed_tokens(torch.tensor([[token_id]], device=self.device))  # [1,1,H]
         return self._step(embeds)

@@ -33,3 +33,24 @@ class Engine(Protocol):
 
     def close(self) -> None:
         ...
+
+
+@runtime_checkable
+class ContextLimited(Protocol):
+    """An engine that says how many positions (prompt + answer) its KV cache holds; the loop then ends an answer
+    that reaches it with finish reason "length" instead of failing."""
+    max_len: int
+
+
+@runtime_checkable
+class PrefixCaching(Protocol):
+    """An engine that keeps its KV cache between requests, so a follow-up turn prefills only what is new."""
+    cache_length: int  # positions cached now
+
+    def keep(self, positions: int) -> None:
+        """Drop every cached position from `positions` on (0 <= positions <= cache_length)."""
+        ...
+
+    def extend(self, inputs_embeds: np.ndarray) -> np.ndarray:
+        """[S,H] appended after the cached positions -> logits [V] float32 of the last one."""
+        ...

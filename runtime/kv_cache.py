@@ -58,6 +58,21 @@ class KVCache:
         self._current = 1 - self._current
         self.length += new_tokens
 
+    def keep(self, positions: int) -> None:
+        """Truncate to the first `positions` (a follow-up turn reusing a shared prefix). A prefix of the
+        [1,KVH,n,D] view is not a [1,KVH,positions,D] view of the same memory, so it is copied into the other
+        buffer once: one read and write of the kept positions, far less than prefilling them again."""
+        if not 0 <= positions <= self.length:
+            raise ValueError(f"cannot keep {positions} of {self.length} cached positions")
+        if positions == self.length:
+            return
+        for layer in range(self.num_layers):
+            for kind in range(len(KINDS)):
+                kept = self._view(1 - self._current, layer, kind, positions)
+                kept[...] = self.past(layer, kind)[:, :, :positions]
+        self._current = 1 - self._current
+        self.length = positions
+
     def _view(self, side: int, layer: int, kind: int, positions: int) -> np.ndarray:
         size = self.num_kv_heads * positions * self.head_dim
         return self._buffers[side, layer, kind, :size].reshape(1, self.num_kv_heads, positions, self.head_dim)

@@ -101,9 +101,19 @@ class OrtEngine:
     def decode(self, token_id: int) -> np.ndarray:
         return self._decoder.step(self.embed_tokens(np.array([token_id], dtype=np.int64)), reset=False)
 
+    def extend(self, inputs_embeds: np.ndarray) -> np.ndarray:
+        return self._decoder.step(inputs_embeds, reset=False)
+
+    def keep(self, positions: int) -> None:
+        self._decoder.keep(positions)
+
     @property
     def cache_length(self) -> int:
         return self._decoder.length
+
+    @property
+    def max_len(self) -> int:
+        return self._decoder.max_len
 
     def close(self) -> None:
         self.sessions.clear()
@@ -163,6 +173,9 @@ class HostDecoder(_DecoderBase):
     def length(self) -> int:
         return self.cache.length
 
+    def keep(self, positions: int) -> None:
+        self.cache.keep(positions)
+
     def step(self, embeds: np.ndarray, reset: bool) -> np.ndarray:
         if reset:
             self.cache.reset()
@@ -218,6 +231,17 @@ class OrtDeviceDecoder(_DecoderBase):
         logits, *self.past = binding.get_outputs()
         self.length += s
         return logits.numpy()[0].astype(np.float32)
+
+    def keep(self, positions: int) -> None:
+        """Truncate each cached [1,KVH,n,D] to its first `positions`: one round trip through host memory per
+        follow-up turn (OrtValue has no device-side slice), much less than prefilling the kept positions."""
+        if not 0 <= positions <= self.length:
+            raise ValueError(f"cannot keep {positions} of {self.length} cached positions")
+        if positions == self.length:
+            return
+        self.past = [self.ort.OrtValue.ortvalue_from_numpy(
+            np.ascontiguousarray(value.numpy()[:, :, :positions]), self.device, 0) for value in self.past]
+        self.length = positions
 
     def _empty_past(self) -> list:
         shape = [1, self.shape[0], 0, self.shape[1]]  # [1,KVH,0,D]

@@ -7,6 +7,8 @@ Every step below reproduces the same arithmetic in the same dtype, so the output
 """
 from __future__ import annotations
 
+import io
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -152,14 +154,23 @@ def _resample_name(value: Any) -> str:
                         f"(supported: {_RESAMPLE_BY_PIL_ID})") from None
 
 
-def load_image(path: str | Path) -> Image.Image:
-    """Open an image as RGB (alpha dropped, as the reference's .convert("RGB") does)."""
+def load_image(source: str | Path | bytes) -> Image.Image:
+    """Open an image file (a path, or its bytes) as RGB (alpha dropped, as the reference's .convert("RGB") does).
+
+    Pillow's decompression-bomb warning (more than Image.MAX_IMAGE_PIXELS pixels) is an error here: a server
+    must not decode a small file into gigabytes.
+    """
+    name = "the image data" if isinstance(source, bytes) else f"image {str(source)!r}"
     try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
+                return image.convert("RGB")
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+        raise UserError(f"cannot read {name}: {e}") from None
     except (OSError, UnidentifiedImageError, ValueError) as e:
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-        raise UserError(f"cannot read image {str(path)!r}: {reason}") from None
+        raise UserError(f"cannot read {name}: {reason}") from None
 
 
 def expand_to_square(image: Image.Image, color: tuple[int, int, int]) -> Image.Image:

@@ -77,9 +77,21 @@ def render_segments(template: Template, turns: list[Turn]) -> list[tuple[str, bo
 
 def build_prompt(template: Template, question: str, with_image: bool = True) -> str:
     """Single-turn generation prompt; the image goes first, as the reference CLI puts it."""
-    if with_image and IMAGE_PLACEHOLDER not in question:
-        question = IMAGE_PLACEHOLDER + ("" if Template(template) is Template.PLAIN else "\n") + question
-    return "".join(text for text, _ in render_segments(template, [Turn(question)]))
+    return build_conversation(template, [Turn(question)], with_image)
+
+
+def build_conversation(template: Template, turns: list[Turn], with_image: bool = True) -> str:
+    """Generation prompt of a conversation whose last turn is unanswered (the reference's multi-turn format:
+    "... USER: {q1} ASSISTANT: {a1}<|endoftext|>USER: {q2} ASSISTANT:"). Without an "<image>" in any
+    question, the image goes first in the first one, as the reference CLI puts it. An answer's leading space
+    is the template's (the model emits it as part of its first token), so answers are passed without it."""
+    if not turns or turns[-1].answer is not None:
+        raise ValueError("a generation prompt ends with an unanswered turn")
+    turns = [Turn(t.question, None if t.answer is None else t.answer.lstrip(" ")) for t in turns]
+    if with_image and not any(IMAGE_PLACEHOLDER in turn.question for turn in turns):
+        sep = "" if Template(template) is Template.PLAIN else "\n"
+        turns = [Turn(IMAGE_PLACEHOLDER + sep + turns[0].question, turns[0].answer), *turns[1:]]
+    return "".join(text for text, _ in render_segments(template, turns))
 
 
 def tokenize_with_image(tokenizer, text: str, bos_token_id: int | None = None) -> list[int]:

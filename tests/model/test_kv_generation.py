@@ -50,3 +50,15 @@ def test_sampling_is_seeded_and_differs_from_greedy(tmp_path):
     again = pipe.generate(image, "Hi", 12, temperature=1.5, top_p=0.95, seed=7).token_ids
     greedy = pipe.generate(image, "Hi", 12).token_ids
     assert first == again and first != greedy
+
+
+def test_torch_engine_keep_then_extend_equals_a_fresh_prefill():
+    engine = TorchEngine(tiny_model("stablelm", seed=5))
+    embeds = engine.embed_tokens(np.array([3, 9, 4, 12, 7, 2], np.int64))   # [6,H]
+    engine.prefill(embeds[:5])
+    engine.decode(11)
+    engine.keep(3)
+    assert engine.cache_length == 3
+    reused = engine.extend(embeds[[3, 5]])
+    fresh = TorchEngine(engine.model).prefill(embeds[[0, 1, 2, 3, 5]])
+    np.testing.assert_allclose(reused, fresh, rtol=1e-4, atol=1e-5)

@@ -14,6 +14,7 @@ from runtime.cli_output import run_to_stdout  # noqa: E402
 from runtime.errors import UserError  # noqa: E402
 from runtime.ort_engine import OrtDeviceDecoder, OrtEngine  # noqa: E402
 from runtime.pipeline import load_pipeline  # noqa: E402
+from runtime.settings import GenerationSettings  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -138,16 +139,16 @@ def test_run_to_stdout_json_and_plain(fp32_export, tmp_path, capsys):
     image = tmp_path / "img.png"
     Image.new("RGB", (12, 7), (200, 10, 30)).save(image)
     with load_pipeline(out) as pipe:
-        assert run_to_stdout(pipe, str(image), "Hi", 5, 0.0, 1.0, 0, as_json=True) == 0
+        assert run_to_stdout(pipe, str(image), "Hi", GenerationSettings(5), as_json=True) == 0
         captured = capsys.readouterr()
         last = captured.out.rstrip("\n").split("\n")[-1]
         payload = json.loads(last)
-        assert set(payload) == {"text", "token_ids", "timings", "prompt_tokens"}
+        assert set(payload) == {"text", "token_ids", "timings", "prompt_tokens", "finish_reason"}
         assert payload["token_ids"] == pipe.last_result.token_ids
         assert captured.out.startswith(payload["text"])  # streamed first, then the JSON line
         assert payload["prompt_tokens"] > PATCHES and payload["timings"]["vision_ms"] >= 0
 
-        assert run_to_stdout(pipe, None, "Hi", 5, 0.0, 1.0, 0, as_json=False) == 0
+        assert run_to_stdout(pipe, None, "Hi", GenerationSettings(5), as_json=False) == 0
         captured = capsys.readouterr()
         assert captured.out == pipe.last_result.text + "\n"
         assert "tok/s" in captured.err and "ttft" in captured.err

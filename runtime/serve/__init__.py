@@ -1,0 +1,1 @@
+"""moe-serve: an OpenAI-compatible chat-completions server over one runtime Pipeline (FastAPI + uvicorn)."""

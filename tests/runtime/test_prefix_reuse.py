@@ -1,0 +1,110 @@
+"""The engine capability behind multi-turn reuse: keep(n) rolls the KV cache back to n positions and
+extend(embeds) appends to it, so that logits equal a fresh prefill of the same positions. Checked on the tiny
+export (its logits are a closed-form function of everything cached; see rt_helpers) for the host decoder and
+the device decoder's OrtValue path, and for the Pipeline's bookkeeping of what the cache holds."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ort = pytest.importorskip("onnxruntime")
+
+from rt_helpers import EOS, TINY_SPEC, FakeEngine, build_tiny_export, byte_tokenizer, expected_logits  # noqa: E402
+from runtime.engine import PrefixCaching  # noqa: E402
+from runtime.errors import UserError  # noqa: E402
+from runtime.generation import Pipeline  # noqa: E402
+from runtime.kv_cache import KVCache  # noqa: E402
+from runtime.ort_engine import DeviceDecoder, OrtEngine  # noqa: E402
+from runtime.pipeline import load_pipeline  # noqa: E402
+from runtime.prefix_cache import PrefixCache  # noqa: E402
+from runtime.prompt import Turn  # noqa: E402
+from runtime.settings import GenerationSettings  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny")
+    return out, build_tiny_export(out, np.float32)
+
+
+def test_kv_cache_keep_keeps_exactly_the_first_positions():
+    cache = KVCache(num_layers=2, num_kv_heads=3, head_dim=4, max_len=16, dtype=np.float32)
+    rng = np.random.default_rng(0)
+    for new in (5, 1, 2):  # prefill 5, then two steps
+        for layer in range(2):
+            for kind in range(2):
+                present = cache.present_buffer(layer, kind, new)
+                present[:, :, :cache.length] = cache.past(layer, kind)
+                present[:, :, cache.length:] = rng.standard_normal((1, 3, new, 4))
+        cache.commit(new)
+    before = [cache.past(layer, kind).copy() for layer in range(2) for kind in range(2)]
+    cache.keep(6)
+    after = [cache.past(layer, kind) for layer in range(2) for kind in range(2)]
+    assert cache.length == 6
+    for old, new in zip(before, after):
+        np.testing.assert_array_equal(new, old[:, :, :6])
+    with pytest.raises(ValueError):
+        cache.keep(7)
+
+
+@pytest.mark.parametrize("device_path", [False, True])
+def test_keep_then_extend_equals_a_fresh_prefill(tiny, device_path):
+    out, weights = tiny
+    with OrtEngine(out) as engine:
+        if device_path:
+            engine._decoder = DeviceDecoder(ort, engine.sessions["decoder"], engine.manifest, 64, device="cpu")
+        assert isinstance(engine, PrefixCaching)
+        first, later = [5, 17, 99, 3, 8], [40, 41]
+        engine.prefill(engine.embed_tokens(np.array(first, np.int64)))
+        for token in (7, 9, 11):
+            engine.decode(token)
+        engine.keep(4)
+        assert engine.cache_length == 4
+        logits = engine.extend(engine.embed_tokens(np.array(later, np.int64)))
+        assert engine.cache_length == 6
+        np.testing.assert_allclose(logits, expected_logits(weights["table"][first[:4] + later], weights),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_prefix_cache_counts_the_image_slot_as_its_visual_positions():
+    cache = PrefixCache([1, 2, "img", 3, 4], visual_tokens=6)
+    assert cache.positions(2) == 2 and cache.positions(4) == 9
+    assert cache.reusable([1, 2, "img", 3, 9, 9]) == 4
+    assert cache.reusable([1, 2, "other", 3]) == 2
+    assert cache.reusable([1, 2, "img", 3, 4]) == 4  # a resent prompt still prefills its last key
+
+
+def test_pipeline_follow_up_prefills_only_the_new_positions(tiny):
+    out, _ = tiny
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (9, 13, 3), dtype=np.uint8))
+    settings = GenerationSettings(max_new_tokens=6)
+    with load_pipeline(out) as pipe, load_pipeline(out) as fresh:
+        fresh.reuses_prefix = False
+        first = pipe.chat([Turn("Describe.")], image, settings)
+        turns = [Turn("<image>\nDescribe.", first.text), Turn("More?")]
+        second = pipe.chat(turns, image, settings)
+        want = fresh.chat(turns, image, settings)
+    assert second.cached_tokens >= first.prompt_tokens and want.cached_tokens == 0
+    assert second.prompt_tokens == want.prompt_tokens and second.token_ids == want.token_ids
+
+
+def test_an_engine_without_the_capability_prefills_every_turn():
+    engine = FakeEngine([EOS])
+    pipe = Pipeline(engine, byte_tokenizer(), "stablelm", TINY_SPEC, eos_token_id=EOS)
+    pipe.chat([Turn("a")])
+    result = pipe.chat([Turn("a", ""), Turn("b")])
+    assert not pipe.reuses_prefix and result.cached_tokens == 0 and len(engine.prefill_inputs) == 2
+
+
+def test_image_prompt_over_the_context_fails_before_the_image_is_encoded(tiny):
+    out, _ = tiny
+    image = Image.new("RGB", (8, 8), (1, 2, 3))
+    with load_pipeline(out) as probe:
+        needed = len(probe.prompt_ids("q", with_image=True)) - 1 + 4  # text + P=4 visual positions
+    with load_pipeline(out, max_len=needed - 1) as pipe:
+        encoded = []
+        pipe.engine.encode_images = lambda pixels: encoded.append(pixels)
+        with pytest.raises(UserError, match=f"needs {needed} positions"):
+            pipe.generate(image, "q")
+    assert encoded == []
