@@ -111,8 +111,9 @@ def special_token_ids(config: MoELlavaConfig, tokenizer) -> tuple[int, int | Non
 
 
 def save_pretrained(model: MoELlavaForCausalLM, directory: str | Path, tokenizer_dir: Path | None = None,
-                    max_shard_bytes: int = 2 << 30) -> Path:
-    """Write config.json + official-layout safetensors (+ tokenizer files) into `directory`."""
+                    max_shard_bytes: int = 2 << 30, state_dict: dict | None = None) -> Path:
+    """Write config.json + official-layout safetensors (+ tokenizer files) into `directory`. `state_dict`
+    replaces the model's own (a sharded trainer's gathered full state)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     config = model.config.copy()
@@ -120,7 +121,8 @@ def save_pretrained(model: MoELlavaForCausalLM, directory: str | Path, tokenizer
     if config.mm_image_tower not in _known_tower_ids() and config.image_tower_config is None:
         config.image_tower_config, config.image_processor_config = dict(spec.config), dict(spec.processor)
     config.save(directory)
-    write_state_dict(ours_to_official(model.state_dict(), model.backbone), directory, max_shard_bytes)
+    state = model.state_dict() if state_dict is None else state_dict
+    write_state_dict(ours_to_official(state, model.backbone), directory, max_shard_bytes)
     if tokenizer_dir is not None:
         for name in TOKENIZER_FILES:
             if (Path(tokenizer_dir) / name).is_file() and Path(tokenizer_dir).resolve() != directory.resolve():

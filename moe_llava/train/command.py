@@ -6,6 +6,7 @@ from pathlib import Path
 
 from runtime.errors import UserError
 
+from .distributed import Sharding
 from .stages import STAGES, Stage
 
 RECIPES = ("demo",)
@@ -15,8 +16,11 @@ RECIPES = ("demo",)
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="moe-train", description="MoE-Tuning: stage 1 (projector), 2 (LLM + projector), 3 (MoE layers, "
-        "upcycled from stage 2) on the HF Trainer; or the whole demo recipe. Works under torchrun / accelerate "
-        "launch. Defaults are the reference hyper-parameters of each stage.",
+        "upcycled from stage 2) on the HF Trainer; or the whole demo recipe. --stage is data-parallel under "
+        "torchrun / accelerate launch (CPU: gloo, GPU: nccl; --sharding fsdp, or deepspeed with "
+        "configs/deepspeed/zero2.json, on GPUs): each process takes its shard, --global-batch-size is what one optimiser step "
+        "consumes, only the first process logs and writes. Defaults are the reference hyper-parameters of each "
+        "stage.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--recipe", choices=RECIPES, help="run a whole recipe (synthetic data, all stages)")
@@ -33,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     stage.add_argument("--epochs", type=float, help="epochs (default 1)")
     stage.add_argument("--max-steps", type=int, default=-1, help="stop after N optimiser steps (-1: epochs)")
     stage.add_argument("--batch-size", type=int, default=16, help="per-device micro-batch")
-    stage.add_argument("--global-batch-size", type=int, help="sets gradient accumulation (default: 256 / 128 / 128)")
+    stage.add_argument("--global-batch-size", type=int, help="samples per optimiser step over all processes; a multiple of --batch-size x processes, it sets "
+                       "gradient accumulation (default: 256 / 128 / 128)")
     stage.add_argument("--warmup-ratio", type=float, help="default 0.03")
     stage.add_argument("--model-max-length", type=int, help="token limit (default: the config's, else 2048)")
     stage.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="mixed precision")
@@ -49,6 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     stage.add_argument("--group-by-length", action="store_true", help="batch samples of similar length together "
                        "(less padding; with the per-batch mean loss it also shifts weight between answer types - "
                        "the demo recipe leaves it off for that reason)")
+    stage.add_argument("--sharding", choices=[m.value for m in Sharding], default=Sharding.DDP.value,
+                       help="how processes share the work under torchrun / accelerate launch: ddp (whole model per "
+                       "process), fsdp (sharded per decoder layer), deepspeed (with --deepspeed)")
+    stage.add_argument("--deepspeed", type=Path, help="DeepSpeed JSON config for --sharding deepspeed "
+                       "(configs/deepspeed/zero2.json: the reference's ZeRO-2)")
     moe = p.add_argument_group("stage 3 upcycling (default: the model's moe dict)")
     moe.add_argument("--num-experts", type=int)
     moe.add_argument("--top-k", type=int)
@@ -65,14 +75,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
+    from .distributed import is_main_process, world_size
     if args.recipe:
+        if world_size() > 1:
+            raise UserError("--recipe runs in one process (it generates its data and tokenizer first); under "
+                            "torchrun / accelerate launch run its stages one by one with --stage")
         from .recipes import run_demo
         run_demo(args.out, args.work_dir, ablation=not args.no_ablation, progress=not args.no_progress)
         print(f"demo model written to {args.out}")
         return 0
     from .run import run_stage
     path = run_stage(stage_config(args))
-    print(f"stage {args.stage} ({STAGES[Stage(args.stage)].name}) model written to {path}")
+    if is_main_process():
+        print(f"stage {args.stage} ({STAGES[Stage(args.stage)].name}) model written to {path}")
     return 0
 
 
@@ -90,6 +105,6 @@ def stage_config(args: argparse.Namespace):
         seed=args.seed, model_max_length=args.model_max_length, train_tower=args.train_tower,
         save_steps=args.save_steps, save_total_limit=args.save_total_limit, logging_steps=args.logging_steps,
         num_workers=args.num_workers, precision=args.precision, resume=args.resume, cache_images=args.cache_images,
-        group_by_length=args.group_by_length,
+        group_by_length=args.group_by_length, sharding=Sharding(args.sharding), deepspeed=args.deepspeed,
         progress=not args.no_progress,
         moe=MoEOptions(args.num_experts, args.top_k, args.moe_mode, args.capacity_factor, args.aux_loss_coef))

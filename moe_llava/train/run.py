@@ -7,7 +7,6 @@ record), `stage.json` (what was trained, with which hyper-parameters, how long i
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,6 +18,7 @@ from runtime.errors import UserError
 from ..loading import load_pretrained, load_tokenizer, special_token_ids
 from ..model import MoELlavaForCausalLM
 from .dataset import LlavaCollator, LlavaJsonDataset
+from .distributed import Sharding, accumulation_steps, check_sharding, world_size
 from .init import from_parts, is_llava_dir
 from .plots import loss_curve
 from .stages import STAGES, Group, Stage, StageSpec, apply_freezing, count_parameters
@@ -62,6 +62,8 @@ class StageConfig:
     resume: str | None = None         # a checkpoint-N dir, or "latest" (the newest under out/)
     cache_images: bool = False
     group_by_length: bool = False     # batches of similar length (less padding; LLaVA's group_by_modality_length)
+    sharding: Sharding = Sharding.DDP  # how processes split the work under torchrun / accelerate launch
+    deepspeed: Path | None = None     # DeepSpeed JSON config (with sharding=deepspeed), e.g. configs/deepspeed/zero2.json
     moe: MoEOptions = field(default_factory=MoEOptions)
     progress: bool = True
 
@@ -77,6 +79,10 @@ def initial_model(cfg: StageConfig) -> MoELlavaForCausalLM:
             raise UserError("stage 1 from a plain LLM dir needs --vision-tower DIR (a local CLIP/SigLIP)")
         return from_parts(cfg.model, cfg.vision_tower, cfg.model_max_length or 2048, cfg.seed)
     model = load_pretrained(cfg.model, cfg.vision_tower).model
+    if model.config.moe.ep_size > 1:
+        raise UserError(f"{cfg.model}: moe ep_size {model.config.moe.ep_size} asks for DeepSpeed expert parallelism, "
+                        "which this trainer does not do (every process holds all experts); set ep_size 1 and shard "
+                        "memory with --sharding deepspeed (ZeRO-2) or fsdp")
     if cfg.stage is not Stage.MOE and model.config.moe.enable:
         raise UserError(f"stage {int(cfg.stage)} trains a dense model but {cfg.model} has moe_enable: true")
     if cfg.stage is Stage.MOE and not model.config.moe.enable:
@@ -97,12 +103,12 @@ def build_dataset(cfg: StageConfig, model: MoELlavaForCausalLM, tokenizer) -> Ll
                             model.model_max_length, bos, cache_images=cfg.cache_images)
 
 
-def training_arguments(cfg: StageConfig):
+def training_arguments(cfg: StageConfig, decoder_layer: str = ""):
+    """The Trainer's arguments; `decoder_layer` names the FSDP wrap unit (the backbone's decoder-layer class)."""
     from transformers import TrainingArguments
     spec = cfg.spec
-    world = int(os.environ.get("WORLD_SIZE", "1"))
     global_batch = cfg.global_batch_size or spec.global_batch_size
-    accumulation = max(1, round(global_batch / (cfg.batch_size * world)))
+    accumulation = accumulation_steps(global_batch, cfg.batch_size, world_size())
     return TrainingArguments(
         output_dir=str(cfg.out), per_device_train_batch_size=cfg.batch_size,
         gradient_accumulation_steps=accumulation, learning_rate=cfg.learning_rate or spec.learning_rate,
@@ -113,8 +119,18 @@ def training_arguments(cfg: StageConfig):
         seed=cfg.seed, data_seed=cfg.seed, dataloader_num_workers=cfg.num_workers,
         remove_unused_columns=False, report_to="none", disable_tqdm=not cfg.progress,
         bf16=cfg.precision == "bf16", fp16=cfg.precision == "fp16", max_grad_norm=1.0,
-        dataloader_pin_memory=torch.cuda.is_available(),
-        train_sampling_strategy="group_by_length" if cfg.group_by_length else "random")
+        dataloader_pin_memory=torch.cuda.is_available(), use_cpu=not torch.cuda.is_available(),
+        train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
+        **sharding_arguments(cfg, decoder_layer))
+
+
+def sharding_arguments(cfg: StageConfig, decoder_layer: str) -> dict:
+    check_sharding(cfg.sharding, cfg.deepspeed, torch.cuda.is_available())
+    if cfg.sharding is Sharding.FSDP:
+        return dict(fsdp="full_shard auto_wrap", fsdp_config={"transformer_layer_cls_to_wrap": [decoder_layer]})
+    if cfg.sharding is Sharding.DEEPSPEED:
+        return dict(deepspeed=str(cfg.deepspeed))
+    return {}
 
 
 def resolve_resume(cfg: StageConfig) -> str | None:
@@ -141,7 +157,8 @@ def run_stage(cfg: StageConfig) -> Path:
     trainable = apply_freezing(model, groups)
     dataset = build_dataset(cfg, model, tokenizer)
     log = JsonLogCallback(cfg.out / "train_log.json")
-    trainer = MoETrainer(model=model, args=training_arguments(cfg), train_dataset=dataset,
+    args = training_arguments(cfg, type(model.layers[0]).__name__)
+    trainer = MoETrainer(model=model, args=args, train_dataset=dataset,
                          data_collator=LlavaCollator(special_token_ids(model.config, tokenizer)[0]),
                          callbacks=[log], tokenizer_dir=Path(cfg.model))
     trainer.train(resume_from_checkpoint=resume)

@@ -4,7 +4,8 @@ Every `checkpoint-N/` (and the final save) is an official MoE-LLaVA checkpoint d
 the `moe` dict, `deepspeed_moe` keys, tokenizer files) next to the Trainer's optimizer / scheduler / RNG
 state, so an intermediate checkpoint loads with `load_pretrained`, `moe-run --model` and `moe-export`, and
 `trainer.train(resume_from_checkpoint=...)` resumes from it. Distribution (torchrun / accelerate launch)
-is the Trainer's business; nothing here is rank-aware beyond `should_save`.
+is the Trainer's business (see distributed.py); here only the first process writes (`should_save`) and the
+logged loss parts are means over all processes, like the Trainer's own `loss`.
 """
 from __future__ import annotations
 
@@ -40,8 +41,9 @@ class MoETrainer(Trainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:  # a training log: add the mean of each loss part since the last one
             for name, values in self._parts.items():
-                if values:
-                    logs[name] = round(sum(values) / len(values), 6)
+                if values:  # every process logs together, so the mean over processes is a collective
+                    local = torch.tensor(sum(values) / len(values), device=self.args.device)
+                    logs[name] = round(self.accelerator.reduce(local, "mean").item(), 6)
                 values.clear()
         super().log(logs, start_time)
 
@@ -50,7 +52,7 @@ class MoETrainer(Trainer):
             return
         output_dir = output_dir or self.args.output_dir
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
-        save_pretrained(model, output_dir, self.tokenizer_dir)
+        save_pretrained(model, output_dir, self.tokenizer_dir, state_dict=state_dict)  # FSDP: gathered by HF
         torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
