@@ -140,8 +140,11 @@ def _export_checkpoint(model, stage: Path, impl: str, precision: str, vision_tow
         export_modelopt(model, stage, impl, precision, vision_tower, calib_data=calib_data,
                         calib_min_tokens=calib_min_tokens, plugins=[str(plugin)] if plugin else None)
         return
+    from .attention_lowering import AttentionImpl
     from .onnx_export import export_onnx
-    export_onnx(model, stage, MoEImpl(impl), precision, vision_tower, validate=True)
+    # standard-op attention: TensorRT's builder fuses it into its own attention kernels (README, "Attention")
+    export_onnx(model, stage, MoEImpl(impl), precision, vision_tower, validate=True,
+                attention=AttentionImpl.UNFUSED)
 
 
 def link_export(source: Path, stage: Path) -> None:
