@@ -64,6 +64,7 @@ def export_tensorrt(model: str | Path | None = None, from_onnx: str | Path | Non
     out = _check_request(model, from_onnx, out, moe_impl, workspace_mb)
     limits = BuildLimits(max_batch, max_seq)
     source = Manifest.load(from_onnx) if from_onnx else None
+    _check_attention(source)
     impl = _resolve_impl(moe_impl, source)
     check_moe_impl(impl)
     target = resolve_gpu(gpu, *(detect_gpu() or (None, "")))
@@ -113,6 +114,12 @@ def _fit_limits(limits: BuildLimits, manifest: Manifest) -> BuildLimits:
         _note(f"--max-seq {limits.max_seq} is more than the model's {fitted.max_seq} positions: "
               f"the engines take {fitted.max_seq}")
     return fitted
+
+
+def _check_attention(source: Manifest | None) -> None:
+    if source is not None and source.attention == "fused":
+        raise UserError(f"{source.root} carries com.microsoft.GroupQueryAttention (--attention fused), an "
+                        "onnxruntime op TensorRT cannot parse; re-export it with --attention unfused")
 
 
 def _resolve_impl(moe_impl: str | None, source: Manifest | None) -> str:
