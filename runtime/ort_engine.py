@@ -82,6 +82,7 @@ class OrtEngine:
         decoder = self.sessions["decoder"]
         max_len = max_len or self.manifest.decoder.max_positions
         if CUDA in decoder.session.get_providers():
+            _warn_fp32_fused_on_cuda(self.manifest)
             self._decoder = DeviceDecoder(ort, decoder, self.manifest, max_len, device="cuda")
         else:
             self._decoder = HostDecoder(ort, decoder, self.manifest, max_len)
@@ -114,6 +115,13 @@ class OrtEngine:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _warn_fp32_fused_on_cuda(manifest: Manifest) -> None:
+    if manifest.attention == "fused" and manifest.precision == "fp32":
+        warnings.warn("GroupQueryAttention has CUDA kernels for fp16/bf16 only: in this fp32 export onnxruntime "
+                      "runs it on the CPU and copies the KV cache across every step; export with --precision "
+                      "fp16 for CUDA", RuntimeWarning, stacklevel=3)
 
 
 def _options(ort, part: str, threads: int | None):
