@@ -15,7 +15,7 @@ from runtime.engine import PrefixCaching  # noqa: E402
 from runtime.errors import UserError  # noqa: E402
 from runtime.generation import Pipeline  # noqa: E402
 from runtime.kv_cache import KVCache  # noqa: E402
-from runtime.ort_engine import DeviceDecoder, OrtEngine  # noqa: E402
+from runtime.ort_engine import OrtDeviceDecoder, OrtEngine  # noqa: E402
 from runtime.pipeline import load_pipeline  # noqa: E402
 from runtime.prefix_cache import PrefixCache  # noqa: E402
 from runtime.prompt import Turn  # noqa: E402
@@ -53,7 +53,7 @@ def test_keep_then_extend_equals_a_fresh_prefill(tiny, device_path):
     out, weights = tiny
     with OrtEngine(out) as engine:
         if device_path:
-            engine._decoder = DeviceDecoder(ort, engine.sessions["decoder"], engine.manifest, 64, device="cpu")
+            engine._decoder = OrtDeviceDecoder(ort, engine.sessions["decoder"], engine.manifest, 64, device="cpu")
         assert isinstance(engine, PrefixCaching)
         first, later = [5, 17, 99, 3, 8], [40, 41]
         engine.prefill(engine.embed_tokens(np.array(first, np.int64)))
