@@ -18,7 +18,8 @@ def test_base_names_no_onnxruntime_and_each_extra_names_one():
     assert not {n for n in names(PYPROJECT["project"]["dependencies"]) if n.startswith("onnxruntime")}
     assert names(extras["cpu"]) == {"onnxruntime"}
     assert names(extras["gpu"]) == {"onnxruntime-gpu"}
-    assert names(extras["runtime"]) == {"moe-llava-edge[cpu]"}  # `pip install .[runtime]` stays a CPU runtime
+    # `pip install .[runtime]` stays a torch-free CPU runtime (with moe-serve's HTTP stack)
+    assert names(extras["runtime"]) == {"moe-llava-edge[cpu,serve]"}
     assert "moe-llava-edge[cpu,export,train,quant]" in names(extras["dev"])  # make install: CPU onnxruntime
 
 
