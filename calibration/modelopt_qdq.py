@@ -173,6 +173,7 @@ def export_modelopt(model: str | Path, out: str | Path, moe_impl: str = "plugin"
     requested lowering, the coverage-driven calibration set, then modelopt_export_dir. No onnxruntime
     validation (QMoE-free Q/DQ graphs are TensorRT's to run; fp8 does not run on onnxruntime CPU).
     """
+    from export.attention_lowering import AttentionImpl
     from export.moe_lowering import MoEImpl
     from export.onnx_export import write_export
     from export.precision import Precision
@@ -187,7 +188,9 @@ def export_modelopt(model: str | Path, out: str | Path, moe_impl: str = "plugin"
     calibration = calibration_set(loaded, calib_data, calib_min_tokens)
     with staged_output(Path(out)) as staging, tempfile.TemporaryDirectory(
             prefix=f".{Path(out).name}.fp32.", dir=Path(out).parent) as fp32_dir:
-        write_export(loaded, Path(fp32_dir), MoEImpl(moe_impl).resolve("tensorrt"), Precision.FP32)
+        # standard-op attention: these graphs are TensorRT's (README, "Attention")
+        write_export(loaded, Path(fp32_dir), MoEImpl(moe_impl).resolve("tensorrt"), Precision.FP32,
+                     AttentionImpl.UNFUSED)
         modelopt_export_dir(fp32_dir, staging, PRECISION_MODES[precision].value, calibration, plugins,
                             high_precision_dtype)
     return Path(out)

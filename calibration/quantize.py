@@ -41,8 +41,10 @@ def check_precision(precision: str) -> Precision:
 def export_quantized(model: str | Path, out: str | Path, moe_impl="auto", precision: str = "int8",
                      vision_tower: str | None = None, calib_data: str | Path | None = None,
                      calib_min_tokens: int = 32, validate: bool = True, calib: CalibConfig | None = None,
-                     synthetic: SyntheticSpec | None = None, pope_per_split: int | None = None) -> Path:
+                     synthetic: SyntheticSpec | None = None, pope_per_split: int | None = None,
+                     attention: str = "auto") -> Path:
     """Export `model` ('demo' or a checkpoint dir) quantised to `precision` into `out`; returns `out`."""
+    from export.attention_lowering import AttentionImpl
     from export.moe_lowering import MoEImpl
     from export.onnx_export import write_export
     from export.output_dir import check_target, staged_output
@@ -54,6 +56,7 @@ def export_quantized(model: str | Path, out: str | Path, moe_impl="auto", precis
     if impl is MoEImpl.PLUGIN and p is not Precision.INT4:
         raise UserError("--moe-impl plugin graphs need TensorRT: quantise them with --target tensorrt (ModelOpt); "
                         "for onnxruntime use --moe-impl ort or portable")
+    attention = AttentionImpl(attention).resolve(impl.value)
     loaded = load_pretrained(model, vision_tower)
     if impl is MoEImpl.PLUGIN:  # INT4 weight-only graphs for TensorRT (plugin INT4 experts), no calibration
         from .trt_int4_export import export_int4_for_tensorrt
@@ -63,7 +66,7 @@ def export_quantized(model: str | Path, out: str | Path, moe_impl="auto", precis
     config = calib or CalibConfig(min_tokens=calib_min_tokens)
     with staged_output(out) as staging, tempfile.TemporaryDirectory(prefix=f".{out.name}.fp32.",
                                                                      dir=out.parent) as fp32_dir:
-        write_export(loaded, Path(fp32_dir), impl, Precision.FP32)
+        write_export(loaded, Path(fp32_dir), impl, Precision.FP32, attention)
         calibration = select_by_coverage(loaded, samples, config) if p.needs_calibration else None
         if calibration is not None:
             report_coverage(calibration)

@@ -14,6 +14,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--moe-impl", choices=["auto", "ort", "plugin", "portable"], default="auto",
                    help="MoE lowering: ort = com.microsoft.MoE, plugin = the TensorRT plugin node, "
                         "portable = standard ONNX ops; auto = ort for onnx, plugin for tensorrt")
+    p.add_argument("--attention", choices=["auto", "fused", "unfused"], default="auto",
+                   help="decoder attention: fused = com.microsoft.GroupQueryAttention with the rotary inside and a "
+                        "KV cache written in place (onnxruntime only); unfused = standard ONNX ops; "
+                        "auto = fused with --moe-impl ort, unfused otherwise (TensorRT fuses standard ops itself)")
     p.add_argument("--precision", choices=["fp32", "fp16", "int8", "int4", "fp8"], default="fp32",
                    help="int8/int4/fp8 quantise with calibration data (routers and norms stay in float)")
     p.add_argument("--vision-tower", help="local CLIP/SigLIP directory overriding the config's mm_image_tower")
@@ -51,6 +55,9 @@ def main(args: argparse.Namespace) -> int:
     if args.out is None:
         raise UserError("--out is required")
     if args.target == "tensorrt":
+        if args.attention == "fused":
+            raise UserError("--attention fused is an onnxruntime op; TensorRT engines keep standard-op attention "
+                            "(its builder fuses it): drop --attention or use --target onnx")
         from calibration.tensorrt_quantised import export_tensorrt_quantised
         out = export_tensorrt_quantised(model=args.model, from_onnx=args.from_onnx, out=args.out,
                                         moe_impl=args.moe_impl, precision=args.precision, plugin=args.plugin,
@@ -66,11 +73,11 @@ def main(args: argparse.Namespace) -> int:
         from calibration.quantize import export_quantized
         out = export_quantized(args.model, args.out, args.moe_impl, args.precision, args.vision_tower,
                                calib_data=args.calib_data, calib_min_tokens=args.calib_min_tokens,
-                               validate=not args.no_validate)
+                               validate=not args.no_validate, attention=args.attention)
     else:
         from export.onnx_export import export_onnx
         out = export_onnx(args.model, args.out, args.moe_impl, args.precision, args.vision_tower,
-                          validate=not args.no_validate)
+                          validate=not args.no_validate, attention=args.attention)
     _print_validation(out)
     return 0
 

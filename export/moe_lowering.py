@@ -30,6 +30,8 @@ from torch import nn
 
 from moe_llava.moe import Activation, MoELayer
 
+from .contrib_schema import register_schema
+
 PLUGIN_DOMAIN, PLUGIN_OP, PLUGIN_VERSION = "moe_llava", "MoELlavaMoE", "1"
 PLUGIN_ACTIVATION = {Activation.SWIGLU: 0, Activation.GELU_TANH: 1, Activation.GELU_ERF: 2}
 
@@ -107,31 +109,13 @@ def swap_in_export_moe(model: nn.Module, impl: MoEImpl) -> int:
 
 
 # ---- ONNX translations ------------------------------------------------------------------------
-def _register_schema(domain: str, name: str, inputs: list[tuple[str, str, bool]], attributes: list[tuple[str, str]]):
-    """Declare a non-standard op to onnx so that onnxscript can emit it (idempotent)."""
-    from onnx import defs
-    if defs.has(name, domain):
-        return
-    optional = defs.OpSchema.FormalParameterOption.Optional
-    single = defs.OpSchema.FormalParameterOption.Single
-    params = [defs.OpSchema.FormalParameter(n, t, "", param_option=optional if opt else single)
-              for n, t, opt in inputs]
-    attrs = [defs.OpSchema.Attribute(n, getattr(defs.OpSchema.AttrType, t), "", required=False)
-             for n, t in attributes]
-    defs.register_schema(defs.OpSchema(
-        name, domain, 1, "", inputs=params, outputs=[defs.OpSchema.FormalParameter("output", "T", "")],
-        type_constraints=[("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], ""),
-                          ("R", ["tensor(float)"], "")],
-        attributes=attrs))
-
-
 def register_moe_schemas() -> None:
     weights = [("fc1_experts_weights", "T", False), ("fc1_experts_bias", "T", True),
                ("fc2_experts_weights", "T", False), ("fc2_experts_bias", "T", True)]
-    _register_schema("com.microsoft", "MoE", [("input", "T", False), ("router_probs", "T", False)] + weights,
+    register_schema("com.microsoft", "MoE", [("input", "T", False), ("router_probs", "T", False)] + weights,
                      [("k", "INT"), ("activation_type", "STRING"), ("normalize_routing_weights", "INT"),
                       ("swiglu_fusion", "INT"), ("use_sparse_mixer", "INT")])
-    _register_schema(PLUGIN_DOMAIN, PLUGIN_OP,
+    register_schema(PLUGIN_DOMAIN, PLUGIN_OP,
                      [("hidden", "T", False), ("router_logits", "R", False), ("fc1_weight", "T", False),
                       ("fc1_bias", "T", False), ("fc2_weight", "T", False), ("fc2_bias", "T", False)],
                      [("num_experts", "INT"), ("top_k", "INT"), ("activation", "INT"),

@@ -20,6 +20,8 @@ from runtime.errors import UserError
 from runtime.manifest import DecoderSpec, Manifest, PartSpec, SpecialTokens, TensorSpec
 
 from .output_dir import check_target, staged_output
+from . import attention_lowering
+from .attention_lowering import AttentionImpl, swap_in_export_attention
 from .moe_lowering import MoEImpl, drop_scatter_reduction, swap_in_export_moe, translation_table
 from .precision import Precision
 from .parts import DecoderPart, EmbedPart, ProjectorPart, VisionPart, decoder_io_names, decoder_sample, kv_geometry
@@ -30,28 +32,31 @@ EXTERNAL_DATA_BYTES = 1 << 30  # graphs with more weights than this keep them in
 
 def export_onnx(model: str | Path, out: str | Path, moe_impl: MoEImpl = MoEImpl.AUTO,
                 precision: Precision = Precision.FP32, vision_tower: str | None = None,
-                validate: bool = True) -> Path:
+                validate: bool = True, attention: AttentionImpl = AttentionImpl.AUTO) -> Path:
     """Export `model` (a checkpoint dir or 'demo') into `out`; returns `out`."""
     out = Path(out)
     check_target(out)
     impl = MoEImpl(moe_impl).resolve("onnx")
+    attention = AttentionImpl(attention).resolve(impl.value)
     precision = Precision(precision)
     if precision.quantised:
         raise UserError(f"--precision {precision.value} is quantised by calibration.quantize.export_quantized "
                         "(moe-export does that); export_onnx writes fp32 or fp16")
     loaded = load_pretrained(model, vision_tower)
     with staged_output(out) as staging:
-        write_export(loaded, staging, impl, precision)
+        write_export(loaded, staging, impl, precision, attention)
         if validate:
             from .validate import validate_export
             validate_export(loaded, staging)
     return out
 
 
-def write_export(loaded: LoadedModel, directory: Path, impl: MoEImpl, precision: Precision) -> Manifest:
+def write_export(loaded: LoadedModel, directory: Path, impl: MoEImpl, precision: Precision,
+                 attention: AttentionImpl = AttentionImpl.AUTO) -> Manifest:
     """Graphs + tokenizer + manifest into `directory` (no validation)."""
     reference = loaded.model
-    model = _export_copy(reference, impl, precision)
+    attention = AttentionImpl(attention).resolve(impl.value)
+    model = _export_copy(reference, impl, precision, attention)
     parts = {}
     steps = [("vision", _export_vision), ("projector", _export_projector), ("embed", _export_embed),
              ("decoder", _export_decoder)]
@@ -60,16 +65,18 @@ def write_export(loaded: LoadedModel, directory: Path, impl: MoEImpl, precision:
         export_part(model, path, precision.dtype)
         parts[name] = part_spec(path)
     loaded.tokenizer.save(str(directory / "tokenizer.json"))
-    manifest = build_manifest(loaded, directory, parts, impl, precision)
+    manifest = build_manifest(loaded, directory, parts, impl, precision, attention)
     (directory / "manifest.json").write_text(_json(manifest.to_dict()))
     return manifest
 
 
-def _export_copy(model, impl: MoEImpl, precision: Precision):
-    """A deep copy in the export precision with its MoE layers swapped for the lowering's op."""
+def _export_copy(model, impl: MoEImpl, precision: Precision, attention: AttentionImpl):
+    """A deep copy in the export precision with its MoE (and, fused, attention) layers swapped for the lowering's op."""
     import copy
     clone = copy.deepcopy(model).to_dtype(precision.dtype).eval()
     swap_in_export_moe(clone, impl)
+    if attention is AttentionImpl.FUSED:
+        clone.kv_slots = swap_in_export_attention(clone.language_model)
     clone.export_impl = impl
     return clone
 
@@ -97,8 +104,10 @@ def _export_embed(model, path: Path, dtype: torch.dtype) -> None:
 def _export_decoder(model, path: Path, dtype: torch.dtype) -> None:
     args, shapes = decoder_sample(model, dtype)
     inputs, outputs = decoder_io_names(model.config.num_layers)
-    _onnx_export(DecoderPart(model), args, path, inputs, outputs, shapes,
-                 translation_table(model.export_impl))
+    translations = translation_table(model.export_impl)
+    if getattr(model, "kv_slots", None) is not None:
+        translations.update(attention_lowering.translation_table())
+    _onnx_export(DecoderPart(model), args, path, inputs, outputs, shapes, translations)
 
 
 def _onnx_export(module, args, path: Path, input_names, output_names, dynamic_shapes, translations=None):
@@ -142,14 +151,15 @@ def part_spec(path: Path) -> PartSpec:
 
 
 def build_manifest(loaded: LoadedModel, directory: Path, parts: dict[str, PartSpec], impl: MoEImpl,
-                   precision: Precision) -> Manifest:
+                   precision: Precision, attention: AttentionImpl = AttentionImpl.UNFUSED) -> Manifest:
     model, config = loaded.model, loaded.config
     kv_heads, head_dim = kv_geometry(model)
     decoder = DecoderSpec(num_layers=config.num_layers, num_kv_heads=kv_heads, head_dim=head_dim,
                           hidden_size=config.hidden_size, vocab_size=config.vocab_size,
                           max_positions=int(model.backbone.context_length(config.backbone)))
     return Manifest(root=directory, format_version=1, model_type=config.model_type, config=config.to_dict(),
-                    precision=precision.value, moe_impl=impl.value, template=loaded.template,
+                    precision=precision.value, moe_impl=impl.value, attention=attention.value,
+                    template=loaded.template,
                     tokenizer="tokenizer.json",
                     special_tokens=SpecialTokens(loaded.bos_token_id, loaded.eos_token_id,
                                                  config.backbone.get("pad_token_id")),

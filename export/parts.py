@@ -45,14 +45,21 @@ class EmbedPart(nn.Module):
 
 
 class DecoderPart(nn.Module):
-    """The LM with its KV cache as explicit tensors; logits only for the last position, in fp32."""
+    """The LM with its KV cache as explicit tensors; logits only for the last position, in fp32.
+
+    With fused attention (export/attention_lowering.py: `model.kv_slots` set) the layers read past and write
+    present through the slots; otherwise transformers' DynamicCache concatenates them.
+    """
 
     def __init__(self, model: MoELlavaForCausalLM):
         super().__init__()
         self.lm = model.language_model
         self.num_layers = model.config.num_layers
+        self.slots = getattr(model, "kv_slots", None)
 
     def forward(self, inputs_embeds, attention_mask, position_ids, *past):
+        if self.slots is not None:
+            return self._fused(inputs_embeds, attention_mask, position_ids, past)
         cache = DynamicCache(config=self.lm.config)
         for i in range(self.num_layers):
             cache.update(past[2 * i], past[2 * i + 1], i)
@@ -61,6 +68,12 @@ class DecoderPart(nn.Module):
         logits = self.lm.lm_head(out.last_hidden_state[:, -1]).float()              # [B,V]
         present = [t for layer in cache.layers[: self.num_layers] for t in (layer.keys, layer.values)]
         return (logits, *present)
+
+    def _fused(self, inputs_embeds, attention_mask, position_ids, past):
+        self.slots.load(past, attention_mask, position_ids)
+        out = self.lm.model(inputs_embeds=inputs_embeds, position_ids=position_ids, use_cache=False)
+        logits = self.lm.lm_head(out.last_hidden_state[:, -1]).float()              # [B,V]
+        return (logits, *self.slots.presents)
 
 
 def kv_geometry(model: MoELlavaForCausalLM) -> tuple[int, int]:

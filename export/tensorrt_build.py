@@ -75,6 +75,7 @@ def export_tensorrt(model: str | Path | None = None, from_onnx: str | Path | Non
     out = _check_request(model, from_onnx, out, moe_impl, workspace_mb)
     limits = BuildLimits(max_batch, max_seq)
     source = Manifest.load(from_onnx) if from_onnx else None
+    _check_attention(source)
     impl = _resolve_impl(moe_impl, source)
     check_moe_impl(impl)
     target = resolve_gpu(gpu_family(gpu), *(detect_gpu() or (None, "")))
@@ -146,6 +147,12 @@ def _fit_limits(limits: BuildLimits, manifest: Manifest) -> BuildLimits:
     return fitted
 
 
+def _check_attention(source: Manifest | None) -> None:
+    if source is not None and source.attention == "fused":
+        raise UserError(f"{source.root} carries com.microsoft.GroupQueryAttention (--attention fused), an "
+                        "onnxruntime op TensorRT cannot parse; re-export it with --attention unfused")
+
+
 def _resolve_impl(moe_impl: str | None, source: Manifest | None) -> str:
     """The lowering the engines get: the ONNX export's own, or --moe-impl resolved for TensorRT."""
     requested = moe_impl or "auto"
@@ -168,8 +175,11 @@ def _export_checkpoint(model, stage: Path, impl: str, precision: str, vision_tow
                             "(moe-export does that); or quantise elsewhere and build with --from-onnx")
         write_quantised(model, stage, impl, precision, vision_tower, plugins=[str(plugin)] if plugin else None)
         return
+    from .attention_lowering import AttentionImpl
     from .onnx_export import export_onnx
-    export_onnx(model, stage, MoEImpl(impl), precision, vision_tower, validate=True)
+    # standard-op attention: TensorRT's builder fuses it into its own attention kernels (README, "Attention")
+    export_onnx(model, stage, MoEImpl(impl), precision, vision_tower, validate=True,
+                attention=AttentionImpl.UNFUSED)
 
 
 def link_export(source: Path, stage: Path) -> None:

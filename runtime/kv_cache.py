@@ -1,18 +1,23 @@
-"""Host-memory KV cache for decoder.onnx on the CPU path.
+"""Host-memory KV caches for decoder.onnx on the CPU path; which one follows the graph's attention (manifest).
 
 Shapes: L layers, KVH kv heads, D head dim, n cached positions, S new positions, M max length.
 
-The decoder takes past [1,KVH,n,D] and returns present = concat(past, new) [1,KVH,n+S,D]. A [1,KVH,M,D]
-buffer sliced to n positions is NOT contiguous (KVH > 1), so feeding slices of one buffer would cost a copy of
-the whole cache per step on top of the decoder's own Concat. Instead each (layer, key|value) has two flat
-buffers of KVH*M*D elements used in turn: past is a prefix of buffer A viewed as [1,KVH,n,D] (contiguous, no
-copy), present is bound to a prefix of buffer B viewed as [1,KVH,n+S,D], then A and B swap.
+Fused attention (com.microsoft.GroupQueryAttention, `SharedKVCache`): one [1,KVH,M,D] buffer per (layer,
+key|value) is bound as both past and present. The op writes the S new positions at n..n+S-1 in place and reads
+the first n+S; the attention mask of n+S ones tells it n. Cost per step: reading the cache once inside the
+attention - no Concat, no copy, no allocation. The cached length is one integer (`length`): dropping cached
+positions is setting it lower.
 
-Cost per step: the decoder's Concat only - one read and one write of the whole cache,
+Unfused attention (`KVCache`): the decoder takes past [1,KVH,n,D] and returns present = concat(past, new)
+[1,KVH,n+S,D]. A [1,KVH,M,D] buffer sliced to n positions is NOT contiguous (KVH > 1), so feeding slices of one
+buffer would cost a copy of the whole cache per step on top of the decoder's own Concat. Instead each (layer,
+key|value) has two flat buffers of KVH*M*D elements used in turn: past is a prefix of buffer A viewed as
+[1,KVH,n,D] (contiguous, no copy), present is bound to a prefix of buffer B viewed as [1,KVH,n+S,D], then A and
+B swap. Cost per step: the decoder's Concat - one read and one write of the whole cache,
 2 * L * 2 * KVH * n * D * itemsize bytes (StableLM-1.6B fp32 at n=1000: 0.4 GB read + 0.4 GB written,
-tens of ms on a 2-core board) - no
-allocation, no copy of ours. Memory: twice the cache, committed only as far as it is used (np.empty leaves
-untouched pages unmapped).
+tens of ms on a 2-core board). Memory: twice the cache.
+
+Both commit memory only as far as it is used (np.empty leaves untouched pages unmapped).
 """
 from __future__ import annotations
 
@@ -29,14 +34,13 @@ def check_room(cached: int, new_tokens: int, max_len: int) -> None:
                         f"{max_len}; use a shorter prompt or fewer --max-new-tokens")
 
 
-class KVCache:
+class _Cache:
+    """What both caches share: geometry, the cached length n, the room check."""
+
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, max_len: int, dtype: np.dtype):
         self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
         self.max_len = max_len
         self.dtype = np.dtype(dtype)
-        # [2 (ping-pong), L, 2 (key, value), KVH*M*D]
-        self._buffers = np.empty((2, num_layers, len(KINDS), num_kv_heads * max_len * head_dim), self.dtype)
-        self._current = 0
         self.length = 0  # n: positions cached
 
     def reset(self) -> None:
@@ -44,6 +48,42 @@ class KVCache:
 
     def check_room(self, new_tokens: int) -> None:
         check_room(self.length, new_tokens, self.max_len)
+
+
+class SharedKVCache(_Cache):
+    """Fused attention: past and present are the same [1,KVH,M,D] buffer per (layer, key|value)."""
+
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, max_len: int, dtype: np.dtype):
+        super().__init__(num_layers, num_kv_heads, head_dim, max_len, dtype)
+        # [L, 2 (key, value), 1, KVH, M, D]
+        self._buffers = np.empty((num_layers, len(KINDS), 1, num_kv_heads, max_len, head_dim), self.dtype)
+
+    def past(self, layer: int, kind: int) -> np.ndarray:
+        """[1,KVH,M,D]: the whole buffer (the first n positions valid)."""
+        return self._buffers[layer, kind]
+
+    def present_buffer(self, layer: int, kind: int, new_tokens: int) -> np.ndarray:
+        """The same buffer: the op writes positions n..n+S-1 into it."""
+        return self._buffers[layer, kind]
+
+    def commit(self, new_tokens: int) -> None:
+        self.length += new_tokens
+
+    def keep(self, positions: int) -> None:
+        """Drop every cached position after the first `positions` (a follow-up turn's shared prefix)."""
+        if not 0 <= positions <= self.length:
+            raise ValueError(f"cannot keep {positions} of {self.length} cached positions")
+        self.length = positions
+
+
+class KVCache(_Cache):
+    """Unfused attention: ping-pong buffers, present = concat(past, new) written into the other one."""
+
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, max_len: int, dtype: np.dtype):
+        super().__init__(num_layers, num_kv_heads, head_dim, max_len, dtype)
+        # [2 (ping-pong), L, 2 (key, value), KVH*M*D]
+        self._buffers = np.empty((2, num_layers, len(KINDS), num_kv_heads * max_len * head_dim), self.dtype)
+        self._current = 0
 
     def past(self, layer: int, kind: int) -> np.ndarray:
         """[1,KVH,n,D] view of the cached positions."""

@@ -20,6 +20,9 @@ from runtime.prompt import IMAGE_TOKEN_INDEX, Template
 MANIFEST_FILE = "manifest.json"
 SUPPORTED_FORMAT_VERSIONS = (1,)
 PARTS = ("vision", "projector", "embed", "decoder")
+# attention a decoder graph carries: "unfused" = standard ops, present = concat(past, new); "fused" =
+# com.microsoft.GroupQueryAttention, past and present may share one buffer of max_positions (written in place)
+ATTENTIONS = ("unfused", "fused")
 DTYPES = ("float32", "float16", "int64", "int32", "int8", "uint8", "bool")
 REQUIRED_KEYS = ("format_version", "model_type", "config", "precision", "moe_impl", "template", "tokenizer",
                  "special_tokens", "image", "decoder", "parts")
@@ -107,6 +110,7 @@ class Manifest:
     parts: dict[str, PartSpec]
     source: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, Any] = field(default_factory=dict)
+    attention: str = "unfused"  # exports written before the field existed carry unfused attention
 
     def path(self, part: str) -> Path:
         return self.root / self.parts[part].file
@@ -129,7 +133,8 @@ class Manifest:
             return [{"name": t.name, "shape": list(t.shape), "dtype": t.dtype} for t in ts]
         return {
             "format_version": self.format_version, "model_type": self.model_type, "config": self.config,
-            "precision": self.precision, "moe_impl": self.moe_impl, "template": self.template.value,
+            "precision": self.precision, "moe_impl": self.moe_impl, "attention": self.attention,
+            "template": self.template.value,
             "tokenizer": self.tokenizer, "special_tokens": vars(self.special_tokens).copy(),
             "image": self.image.to_dict(), "decoder": vars(self.decoder).copy(),
             "parts": {k: {"file": p.file, "inputs": tensors(p.inputs), "outputs": tensors(p.outputs)}
@@ -163,6 +168,9 @@ def _parse(root: Path, raw: dict[str, Any]) -> Manifest:
     missing_parts = [p for p in PARTS if p not in raw["parts"]]
     if missing_parts:
         raise UserError(f"{where}: parts {missing_parts} missing (expected {list(PARTS)})")
+    if raw.get("attention", "unfused") not in ATTENTIONS:
+        raise UserError(f"{where}: attention {raw['attention']!r} is not one of {list(ATTENTIONS)}; "
+                        "re-export or upgrade the runtime")
     templates = [t.value for t in Template]
     if raw["template"] not in templates:
         raise UserError(f"{where}: template {raw['template']!r} is not one of {templates}")
@@ -175,6 +183,7 @@ def _parse(root: Path, raw: dict[str, Any]) -> Manifest:
             decoder=DecoderSpec(**raw["decoder"]),
             parts={name: PartSpec.from_dict(raw["parts"][name]) for name in PARTS},
             source=dict(raw.get("source", {})), versions=dict(raw.get("versions", {})),
+            attention=str(raw.get("attention", "unfused")),
         )
     except UserError as e:
         raise UserError(f"{where}: {e}") from None

@@ -12,7 +12,7 @@ from typing import Sequence
 import numpy as np
 
 from runtime.errors import UserError
-from runtime.kv_cache import KINDS, KVCache, check_room
+from runtime.kv_cache import KINDS, KVCache, SharedKVCache, check_room
 from runtime.manifest import Manifest, PartSpec
 
 CPU = "CPUExecutionProvider"
@@ -82,6 +82,7 @@ class OrtEngine:
         decoder = self.sessions["decoder"]
         max_len = max_len or self.manifest.decoder.max_positions
         if CUDA in decoder.session.get_providers():
+            _warn_fp32_fused_on_cuda(self.manifest)
             self._decoder = OrtDeviceDecoder(ort, decoder, self.manifest, max_len, device="cuda")
         else:
             self._decoder = HostDecoder(ort, decoder, self.manifest, max_len)
@@ -126,6 +127,13 @@ class OrtEngine:
         self.close()
 
 
+def _warn_fp32_fused_on_cuda(manifest: Manifest) -> None:
+    if manifest.attention == "fused" and manifest.precision == "fp32":
+        warnings.warn("GroupQueryAttention has CUDA kernels for fp16/bf16 only: in this fp32 export onnxruntime "
+                      "runs it on the CPU and copies the KV cache across every step; export with --precision "
+                      "fp16 for CUDA", RuntimeWarning, stacklevel=3)
+
+
 def _options(ort, part: str, threads: int | None):
     options = ort.SessionOptions()
     # No spinning worker threads, the decoder's included: between ops and steps they burn the CPU share the
@@ -150,6 +158,8 @@ class _DecoderBase:
         self.shape = (manifest.decoder.num_kv_heads, manifest.decoder.head_dim)
         self.cache_dtype = part.spec.input("past_key_values.0.key").np_dtype
         self.max_len = max_len
+        # fused attention (GroupQueryAttention) takes one buffer as past and present and writes it in place
+        self.shared_cache = manifest.attention == "fused"
 
     def step_inputs(self, embeds: np.ndarray, past: int) -> dict[str, np.ndarray]:
         s = embeds.shape[0]
@@ -161,11 +171,12 @@ class _DecoderBase:
 
 
 class HostDecoder(_DecoderBase):
-    """CPU path: past and present live in a preallocated KVCache, bound with IOBinding (no copies of ours)."""
+    """CPU path: past and present live in a preallocated cache (runtime/kv_cache.py), bound with IOBinding."""
 
     def __init__(self, ort, part: PartSession, manifest: Manifest, max_len: int):
         super().__init__(part, manifest, max_len)
-        self.cache = KVCache(self.layers, *self.shape, max_len, self.cache_dtype)
+        cache = SharedKVCache if self.shared_cache else KVCache
+        self.cache = cache(self.layers, *self.shape, max_len, self.cache_dtype)
         logits_spec = part.spec.output("logits")
         self.logits = np.empty((1, manifest.decoder.vocab_size), logits_spec.np_dtype)  # [1,V]
 
@@ -200,21 +211,26 @@ def _bind_array_output(binding, name: str, array: np.ndarray) -> None:
 
 
 class OrtDeviceDecoder(_DecoderBase):
-    """CUDA path: presents stay on the device as OrtValues and are bound as the next step's pasts.
+    """CUDA path: the cache stays on the device as OrtValues; only embeds, mask, positions go up and the logits
+    come down per step. `device` may be "cpu" to exercise this path without a GPU.
 
-    onnxruntime allocates each present from its device arena; only embeds, mask, positions go up and the
-    logits come down per step. `device` may be "cpu" to exercise this path without a GPU.
+    Fused attention: one [1,KVH,M,D] OrtValue per (layer, key|value), allocated once and bound as both past and
+    present - the op writes the new positions in place. Unfused: onnxruntime allocates each present from its
+    device arena and it is bound as the next step's past.
     """
 
     def __init__(self, ort, part: PartSession, manifest: Manifest, max_len: int, device: str = "cuda"):
         super().__init__(part, manifest, max_len)
         self.ort, self.device = ort, device
         self.length = 0
-        self.past = self._empty_past()  # 2L OrtValues [1,KVH,n,D] on the device, (key, value) per layer
+        # 2L OrtValues on the device, (key, value) per layer: [1,KVH,M,D] shared, else [1,KVH,n,D]
+        self.past = self._device_cache(max_len if self.shared_cache else 0)
 
     def step(self, embeds: np.ndarray, reset: bool) -> np.ndarray:
         if reset:
-            self.length, self.past = 0, self._empty_past()
+            self.length = 0
+            if not self.shared_cache:
+                self.past = self._device_cache(0)
         s = embeds.shape[0]
         check_room(self.length, s, self.max_len)
         binding = self.part.session.io_binding()
@@ -225,25 +241,30 @@ class OrtDeviceDecoder(_DecoderBase):
         for name, value in zip(names, self.past):
             binding.bind_ortvalue_input(f"past_key_values.{name}", value)
         binding.bind_output("logits", self.device)
-        for name in names:
-            binding.bind_output(f"present.{name}", self.device)
+        for name, value in zip(names, self.past):
+            if self.shared_cache:
+                binding.bind_ortvalue_output(f"present.{name}", value)
+            else:
+                binding.bind_output(f"present.{name}", self.device)
         self.part.session.run_with_iobinding(binding)
-        logits, *self.past = binding.get_outputs()
+        logits, *presents = binding.get_outputs()
+        if not self.shared_cache:
+            self.past = presents
         self.length += s
         return logits.numpy()[0].astype(np.float32)
 
     def keep(self, positions: int) -> None:
-        """Truncate each cached [1,KVH,n,D] to its first `positions`: one round trip through host memory per
+        """Drop every cached position after the first `positions`. Fused: the buffers stay, the length drops.
+        Unfused: each [1,KVH,n,D] is cut to [1,KVH,positions,D] with one round trip through host memory per
         follow-up turn (OrtValue has no device-side slice), much less than prefilling the kept positions."""
         if not 0 <= positions <= self.length:
             raise ValueError(f"cannot keep {positions} of {self.length} cached positions")
-        if positions == self.length:
-            return
-        self.past = [self.ort.OrtValue.ortvalue_from_numpy(
-            np.ascontiguousarray(value.numpy()[:, :, :positions]), self.device, 0) for value in self.past]
+        if positions < self.length and not self.shared_cache:
+            self.past = [self.ort.OrtValue.ortvalue_from_numpy(
+                np.ascontiguousarray(value.numpy()[:, :, :positions]), self.device, 0) for value in self.past]
         self.length = positions
 
-    def _empty_past(self) -> list:
-        shape = [1, self.shape[0], 0, self.shape[1]]  # [1,KVH,0,D]
+    def _device_cache(self, positions: int) -> list:
+        shape = [1, self.shape[0], positions, self.shape[1]]  # [1,KVH,positions,D]
         return [self.ort.OrtValue.ortvalue_from_shape_and_type(shape, self.cache_dtype, self.device, 0)
                 for _ in range(2 * self.layers)]

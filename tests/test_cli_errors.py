@@ -48,6 +48,17 @@ def test_export_refuses_a_foreign_directory(checkpoint, tmp_path, capsys):
     assert (tmp_path / "precious.txt").read_text() == "keep me"
 
 
+@pytest.mark.parametrize("flags, words", [
+    (["--moe-impl", "portable", "--attention", "fused"], ("--attention fused needs --moe-impl ort",)),
+    (["--target", "tensorrt", "--attention", "fused"], ("--attention fused", "TensorRT")),
+])
+def test_fused_attention_outside_onnxruntime_is_refused(checkpoint, tmp_path, capsys, flags, words):
+    out = tmp_path / "out"
+    code, _, err = run_cli(cli.export_main, ["--model", str(checkpoint), "--out", str(out)] + flags, capsys)
+    assert_one_line_error(code, err, *words)
+    assert not out.exists()
+
+
 def test_failed_validation_leaves_nothing_behind(checkpoint, tmp_path, capsys, monkeypatch):
     import export.validate as validate
     real = validate.compare

@@ -24,7 +24,7 @@ def test_failed_quantisation_leaves_no_directory(tiny_loaded, tmp_path, monkeypa
     for i in range(3):
         draw_scene(sample_scene(np.random.default_rng(i))).save(images / f"{i}.png")
 
-    def fake_export(loaded, directory, impl, precision):
+    def fake_export(loaded, directory, impl, precision, attention=None):
         (directory / "decoder.onnx").write_bytes(b"half")
 
     def broken(*args, **kwargs):

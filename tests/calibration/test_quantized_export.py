@@ -83,8 +83,9 @@ def test_routers_stay_float_in_the_quantised_graph(quantized, key):
         assert qdq_fed_inputs(model, node) == [], f"{node.name} reads Q/DQ tensors"
         assert inits[node.input[1]].data_type == onnx.TensorProto.FLOAT
     ops = [n.op_type for n in model.graph.node]
-    if key[0] == "ort":
-        assert "QMoE" in ops and "MoE" not in ops
+    if key[0] == "ort":  # quantised on the fused-attention graph: the attention op passes through
+        assert "QMoE" in ops and "MoE" not in ops and ops.count("GroupQueryAttention") == 2
+        assert Manifest.load(quantized[key]).attention == "fused"
     if key[1] == "int8":
         assert ops.count("DequantizeLinear") > 0
     else:

@@ -72,9 +72,22 @@ def _set(path, value):
     (_set(["parts", "vision", "outputs", 0, "name"], "features"), "unexpected ['features']"),
     (_set(["image", "aspect_ratio"], "anyres"), "aspect_ratio 'anyres'"),
     (_set(["decoder", "extra"], 1), "malformed"),
+    (_set(["attention"], "flash"), "attention 'flash' is not one of ['unfused', 'fused']"),
 ])
 def test_validation_errors_are_one_clear_line(export_dir, tmp_path, edit, expected):
     assert expected in broken(export_dir, tmp_path, edit)
+
+
+def test_export_without_attention_field_reads_as_unfused(export_dir, tmp_path):
+    """Exports written before manifest.attention existed carry the standard-op attention."""
+    out = tmp_path / "old"
+    out.mkdir()
+    for f in export_dir.iterdir():
+        (out / f.name).write_bytes(f.read_bytes())
+    raw = json.loads((out / "manifest.json").read_text())
+    del raw["attention"]
+    (out / "manifest.json").write_text(json.dumps(raw))
+    assert Manifest.load(out).attention == "unfused" and Manifest.load(export_dir).attention == "unfused"
 
 
 def test_missing_directory_and_bad_json(tmp_path):

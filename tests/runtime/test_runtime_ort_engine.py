@@ -12,6 +12,7 @@ import onnxruntime as ort
 from rt_helpers import EOS, HIDDEN, PATCHES, build_tiny_export, expected_logits, expected_visual  # noqa: E402
 from runtime.cli_output import run_to_stdout  # noqa: E402
 from runtime.errors import UserError  # noqa: E402
+from runtime.manifest import Manifest  # noqa: E402
 from runtime.ort_engine import OrtDeviceDecoder, OrtEngine  # noqa: E402
 from runtime.pipeline import load_pipeline  # noqa: E402
 from runtime.settings import GenerationSettings  # noqa: E402
@@ -157,3 +158,18 @@ def test_run_to_stdout_json_and_plain(fp32_export, tmp_path, capsys):
 def test_unknown_backend(fp32_export):
     with pytest.raises(UserError, match="unknown backend"):
         load_pipeline(fp32_export[0], backend="tvm")
+
+
+def test_fp32_fused_graph_on_cuda_warns(fp32_export):
+    """GroupQueryAttention's CUDA kernels are fp16/bf16: an fp32 fused export on CUDA says so (no GPU needed)."""
+    import dataclasses
+    import warnings
+
+    from runtime.ort_engine import _warn_fp32_fused_on_cuda
+    manifest = dataclasses.replace(Manifest.load(fp32_export[0]), attention="fused")
+    with pytest.warns(RuntimeWarning, match="--precision fp16 for CUDA"):
+        _warn_fp32_fused_on_cuda(manifest)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _warn_fp32_fused_on_cuda(dataclasses.replace(manifest, precision="fp16"))
+        _warn_fp32_fused_on_cuda(dataclasses.replace(manifest, attention="unfused"))

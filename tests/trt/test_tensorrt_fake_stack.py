@@ -116,6 +116,11 @@ def test_refusals_before_any_work(tmp_path, fake_stack):
     (tmp_path / "e" / "notes.txt").write_text("mine")
     with pytest.raises(UserError, match="exists and is not an export directory"):
         export_tensorrt(from_onnx=src, out=tmp_path / "e")
+    raw = json.loads((src / "manifest.json").read_text())
+    (src / "manifest.json").write_text(json.dumps({**raw, "attention": "fused"}))
+    with pytest.raises(UserError, match="GroupQueryAttention .* re-export it with --attention unfused"):
+        export_tensorrt(from_onnx=src, out=tmp_path / "g")
+    (src / "manifest.json").write_text(json.dumps(raw))
     trt.__version__ = "8.5.2.2"
     with pytest.raises(UserError, match="too old"):
         export_tensorrt(from_onnx=src, out=tmp_path / "f")
