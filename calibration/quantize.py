@@ -1,7 +1,10 @@
 """`moe-export --precision int8|int4|fp8` for the onnx target: a quantised export directory.
 
-    checkpoint --write_export--> fp32 graphs (staging) --calibration set (coverage-driven)-->
-    int8: static Q/DQ + QMoE 8 bit | int4: MatMulNBits + QMoE 4 bit  --validate vs PyTorch fp32--> out
+    checkpoint --write_export--> fp32 graphs (staging) --weight-only (weight_only.py)-->
+    int8: MatMulNBits 8 bit + QMoE 8 bit | int4: MatMulNBits 4 bit + QMoE 4 bit  --validate vs PyTorch fp32--> out
+
+No calibration data by default: weights are rounded to nearest, so int8/int4 exports are deterministic.
+`int8_scheme="static"` (`--int8-scheme static`) calibrates static Q/DQ instead (ort_quant.py), coverage-driven.
 
 Everything is assembled in a staging directory next to `out` (export.output_dir.staged_output, as for
 export_onnx) and moved into place only after validation passed; the fp32 graphs live in a second
@@ -32,9 +35,14 @@ class QuantPrecision(str, Enum):
     INT4 = "int4"
     FP8 = "fp8"
 
-    @property
-    def needs_calibration(self) -> bool:
-        return self is not QuantPrecision.INT4  # int4 is weight-only round-to-nearest
+
+class Int8Scheme(str, Enum):
+    WEIGHT_ONLY = "weight-only"   # MatMulNBits 8 bit, dynamic int8 activations inside the kernel
+    STATIC = "static"             # calibrated Q/DQ (per-tensor activations), the TensorRT-style graph
+
+
+def needs_calibration(precision: QuantPrecision, scheme: Int8Scheme) -> bool:
+    return precision is QuantPrecision.INT8 and scheme is Int8Scheme.STATIC
 
 
 def check_precision(precision: str) -> QuantPrecision:
@@ -51,13 +59,15 @@ def check_precision(precision: str) -> QuantPrecision:
 def export_quantized(model: str | Path, out: str | Path, moe_impl="auto", precision: str = "int8",
                      vision_tower: str | None = None, calib_data: str | Path | None = None,
                      calib_min_tokens: int = 32, validate: bool = True, calib: CalibConfig | None = None,
-                     synthetic: SyntheticSpec | None = None, pope_per_split: int | None = None) -> Path:
+                     synthetic: SyntheticSpec | None = None, pope_per_split: int | None = None,
+                     int8_scheme: Int8Scheme | str = Int8Scheme.WEIGHT_ONLY) -> Path:
     """Export `model` ('demo' or a checkpoint dir) quantised to `precision` into `out`; returns `out`."""
     from export.moe_lowering import MoEImpl
     from export.onnx_export import Precision, write_export
     from export.output_dir import check_target, staged_output
     from moe_llava.loading import load_pretrained
-    p = check_precision(precision)
+    p, scheme = check_precision(precision), Int8Scheme(int8_scheme)
+    calibrate = needs_calibration(p, scheme)
     out = Path(out)
     check_target(out)
     impl = MoEImpl(moe_impl).resolve("onnx")
@@ -66,15 +76,15 @@ def export_quantized(model: str | Path, out: str | Path, moe_impl="auto", precis
                         "for onnxruntime use --moe-impl ort or portable")
     loaded = load_pretrained(model, vision_tower)
     # the candidates first: bad --calib-data fails before the (slow) graph export
-    samples = load_samples(calib_data, loaded.template, synthetic) if p.needs_calibration else []
+    samples = load_samples(calib_data, loaded.template, synthetic) if calibrate else []
     config = calib or CalibConfig(min_tokens=calib_min_tokens)
     with staged_output(out) as staging, tempfile.TemporaryDirectory(prefix=f".{out.name}.fp32.",
                                                                      dir=out.parent) as fp32_dir:
         write_export(loaded, Path(fp32_dir), impl, Precision.FP32)
-        calibration = select_by_coverage(loaded, samples, config) if p.needs_calibration else None
+        calibration = select_by_coverage(loaded, samples, config) if calibrate else None
         if calibration is not None:
             report_coverage(calibration)
-        quantize_export(Path(fp32_dir), staging, p, calibration)
+        quantize_export(Path(fp32_dir), staging, p, calibration, scheme)
         if validate:
             from .validation import validate_quantized
             validate_quantized(loaded, staging, synthetic=synthetic, pope_per_split=pope_per_split)
@@ -101,39 +111,45 @@ def report_coverage(calibration: CalibrationSet) -> None:
 
 
 def quantize_export(fp32_dir: Path, out_dir: Path, precision: QuantPrecision | str,
-                    calibration: CalibrationSet | None) -> Manifest:
+                    calibration: CalibrationSet | None = None,
+                    int8_scheme: Int8Scheme | str = Int8Scheme.WEIGHT_ONLY) -> Manifest:
     """An fp32 export directory -> a quantised one in `out_dir` (graphs, tokenizer, manifest, calibration.json)."""
-    from .ort_quant import quantize_int4, quantize_int8
+    from .ort_quant import quantize_int8_static
     from .readers import part_feeds
-    precision = QuantPrecision(precision)
+    from .weight_only import PLANS, quantize_weight_only
+    precision, scheme = QuantPrecision(precision), Int8Scheme(int8_scheme)
+    static = needs_calibration(precision, scheme)
     source = Manifest.load(fp32_dir)
     if source.precision != "fp32":
         raise UserError(f"{fp32_dir}: quantisation starts from an fp32 export, not {source.precision}")
-    if precision.needs_calibration and calibration is None:
-        raise UserError(f"--precision {precision.value} needs calibration data")
+    if static and calibration is None:
+        raise UserError("--int8-scheme static needs calibration data")
     out_dir.mkdir(parents=True, exist_ok=True)
     reports = {}
     for part in PARTS:
         src, dst = source.path(part), out_dir / source.parts[part].file
-        if precision is QuantPrecision.INT8:
-            reports[part] = quantize_int8(src, dst, part_feeds(source, part, calibration.samples)).to_dict()
+        if static:
+            reports[part] = quantize_int8_static(src, dst, part_feeds(source, part, calibration.samples)).to_dict()
         else:
-            reports[part] = quantize_int4(src, dst).to_dict()
+            reports[part] = quantize_weight_only(src, dst, PLANS[precision.value]).to_dict()
     shutil.copy(source.tokenizer_path, out_dir / source.tokenizer)
-    details = {"method": METHODS[precision], "parts": reports,
-               "calibration": calibration.summary() if calibration is not None else None}
+    method = METHODS[Int8Scheme.STATIC] if static else METHODS[precision]
+    details = {"method": method, "parts": reports,
+               "calibration": calibration.summary() if static else None}
     _write_manifest(fp32_dir, out_dir, precision, details)
     (out_dir / "calibration.json").write_text(json.dumps(details, indent=1) + "\n")
     return Manifest.load(out_dir)
 
 
 METHODS = {
-    QuantPrecision.INT8: "onnxruntime static Q/DQ (U8U8, per-channel asymmetric weights, MinMax) on "
-                         "MatMul/Gemm/Conv; LM head weight-only 8-bit (MatMulNBits); QMoE 8-bit block-wise experts; "
-                         "GatherBlockQuantized 8-bit embeddings; routers/norms float",
-    QuantPrecision.INT4: "weight-only: MatMulNBits 4-bit (block 32, asymmetric, accuracy_level 4); LM head 8-bit; "
+    QuantPrecision.INT8: "weight-only: MatMulNBits 8-bit (block 128, symmetric, accuracy_level 4) incl. the LM head; "
+                         "QMoE 8-bit block-wise experts; GatherBlockQuantized 8-bit embeddings; routers/norms float",
+    QuantPrecision.INT4: "weight-only: MatMulNBits 4-bit (block 32, symmetric, accuracy_level 4) incl. the LM head; "
                          "QMoE 4-bit (block 32, accuracy_level 4) experts; GatherBlockQuantized 4-bit embeddings; "
                          "routers/norms float",
+    Int8Scheme.STATIC: "onnxruntime static Q/DQ (U8U8, per-channel asymmetric weights, MinMax) on MatMul/Gemm/Conv; "
+                       "LM head MatMulNBits 8-bit; QMoE 8-bit block-wise experts; GatherBlockQuantized 8-bit "
+                       "embeddings; routers/norms float",
 }
 
 

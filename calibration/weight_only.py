@@ -1,0 +1,116 @@
+"""Weight-only quantisation of one exported part for onnxruntime's CPU kernels (int8 and int4 exports).
+
+    MatMul / Gemm with an initializer weight  -> com.microsoft.MatMulNBits (block-wise along K, symmetric)
+    com.microsoft.MoE experts                 -> com.microsoft.QMoE (qmoe.py)
+    Gather on an embedding table              -> com.microsoft.GatherBlockQuantized (embedding.py)
+    routers, norms, attention scores, the vision patch Conv: float
+
+No calibration data: weights are rounded to nearest, activations stay float between ops. accuracy_level 4
+lets MatMulNBits / QMoE quantise their input row to int8 per block on the fly (dynamic, not calibrated) and
+run an int8 dot product: onnxruntime 1.32's only fast CPU path for 8-bit weights. Measured on the 2-core
+development VM, one MatMul at M=1, 1 thread (benchmarks/quant_kernels.py, ms):
+
+    K x N        fp32   8b/32 acc0  8b/128 acc0  8b/32 acc4  8b/128 acc4  4b/32 acc0  4b/32 acc4  4b/128 acc4
+    512 x 8192   0.99   103         64           0.25        0.18         0.45        0.12        0.09
+    2048 x 8192  32.6*  797         491          1.54        0.73         3.95        0.58        0.45
+    (* a loaded machine; 3.8 ms idle.) accuracy_level 0 with 8 bits dequantises per call: the slow path.
+
+Which node gets which setting is decided by the weight's role, found from the graph (graph.py: routers by
+what consumes their output, the LM head by reaching a graph output), never by node position or name, so the
+plan holds on whatever graph the exporter writes. `keep_float` / `eight_bit` name initializer substrings for
+sensitivity studies (benchmarks/quant_sensitivity.py).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx
+
+from .embedding import quantize_embeddings
+from .graph import fold_constant_weights, gemm_to_matmul, output_heads, router_nodes, weight_nodes
+from .part_io import PartReport, load, quiet_quantizer, save
+from .qmoe import moe_nodes, quantize_moe_experts
+
+
+@dataclass(frozen=True)
+class NBits:
+    """One MatMulNBits setting: bits per weight, block length along K, onnxruntime accuracy_level."""
+    bits: int
+    block_size: int
+    accuracy_level: int = 4   # int8 activations in the kernel; 0 = float (slow for 8 bit)
+
+
+@dataclass(frozen=True)
+class WeightOnlyPlan:
+    dense: NBits                     # every weight MatMul/Gemm but routers and the LM head
+    head: NBits | None               # the LM head; None keeps it float
+    expert_bits: int                 # QMoE, accuracy_level 4 (block chosen by blockwise.block_for)
+    embedding_bits: int | None       # GatherBlockQuantized; None keeps the tables float
+    keep_float: tuple[str, ...] = field(default=())   # initializer-name substrings left float
+    eight_bit: tuple[str, ...] = field(default=())    # ... quantised with EIGHT_BIT instead of `dense`
+
+
+EIGHT_BIT = NBits(8, 128)
+PLANS = {
+    "int8": WeightOnlyPlan(dense=EIGHT_BIT, head=EIGHT_BIT, expert_bits=8, embedding_bits=8),
+    "int4": WeightOnlyPlan(dense=NBits(4, 32), head=NBits(4, 32), expert_bits=4, embedding_bits=4),
+}
+
+
+def quantize_weight_only(src: Path, dst: Path, plan: WeightOnlyPlan) -> PartReport:
+    """Quantise the part `src` by `plan` into `dst`; routers stay float."""
+    model = load(src)
+    fold_constant_weights(model)
+    routers = {n.name for n in router_nodes(model)}
+    groups = assign(model, plan)
+    report = PartReport(quantized_nodes=sum(map(len, groups.values())), float_nodes=sorted(routers))
+    for spec, names in groups.items():
+        model = matmul_nbits(model, names, spec)
+    report.moe_nodes, report.moe_float = quantize_experts(model, plan)
+    if plan.embedding_bits:
+        report.embeddings = quantize_embeddings(model, bits=plan.embedding_bits)
+    save(model, dst)
+    return report
+
+
+def assign(model: onnx.ModelProto, plan: WeightOnlyPlan) -> dict[NBits, set[str]]:
+    """{setting: node names} for every weight MatMul/Gemm (routers are never weight_nodes)."""
+    heads = {n.name for n in output_heads(model)}
+    groups: dict[NBits, set[str]] = {}
+    for node in weight_nodes(model, ("MatMul", "Gemm")):
+        weight = node.input[1]
+        if any(s in weight for s in plan.keep_float):
+            continue
+        spec = plan.head if node.name in heads else plan.dense
+        if any(s in weight for s in plan.eight_bit):
+            spec = EIGHT_BIT
+        if spec is not None:
+            groups.setdefault(spec, set()).add(node.name)
+    return groups
+
+
+def matmul_nbits(model: onnx.ModelProto, names: set[str], spec: NBits) -> onnx.ModelProto:
+    """MatMulNBits for the nodes `names` (their Gemms rewritten to MatMul first)."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    gemm_to_matmul(model, skip={n.name for n in model.graph.node if n.name not in names})
+    with quiet_quantizer():
+        quantizer = MatMulNBitsQuantizer(model, bits=spec.bits, block_size=spec.block_size, is_symmetric=True,
+                                         accuracy_level=spec.accuracy_level or None, nodes_to_include=sorted(names),
+                                         op_types_to_quantize=("MatMul",))
+        quantizer.process()
+    return quantizer.model.model
+
+
+def quantize_experts(model: onnx.ModelProto, plan: WeightOnlyPlan) -> tuple[int, int]:
+    """(QMoE nodes, MoE nodes left float): experts at plan.expert_bits, or 8 bit / float where named."""
+    groups: dict[int, set[str]] = {}
+    nodes = moe_nodes(model)
+    for node in nodes:
+        weights = node.input[2] + " " + node.input[4]
+        if any(s in weights for s in plan.keep_float):
+            continue
+        bits = 8 if any(s in weights for s in plan.eight_bit) else plan.expert_bits
+        groups.setdefault(bits, set()).add(node.input[2])
+    done = sum(quantize_moe_experts(model, bits, accuracy_level=4, fc1_names=names) for bits, names in groups.items())
+    return done, len(nodes) - done
