@@ -112,8 +112,11 @@ def report_coverage(calibration: CalibrationSet) -> None:
 
 def quantize_export(fp32_dir: Path, out_dir: Path, precision: QuantPrecision | str,
                     calibration: CalibrationSet | None = None,
-                    int8_scheme: Int8Scheme | str = Int8Scheme.WEIGHT_ONLY) -> Manifest:
-    """An fp32 export directory -> a quantised one in `out_dir` (graphs, tokenizer, manifest, calibration.json)."""
+                    int8_scheme: Int8Scheme | str = Int8Scheme.WEIGHT_ONLY,
+                    plans: dict | None = None) -> Manifest:
+    """An fp32 export directory -> a quantised one in `out_dir` (graphs, tokenizer, manifest, calibration.json).
+
+    `plans` {part: WeightOnlyPlan} overrides the precision's plan per part (sensitivity studies)."""
     from .ort_quant import quantize_int8_static
     from .readers import part_feeds
     from .weight_only import PLANS, quantize_weight_only
@@ -131,7 +134,8 @@ def quantize_export(fp32_dir: Path, out_dir: Path, precision: QuantPrecision | s
         if static:
             reports[part] = quantize_int8_static(src, dst, part_feeds(source, part, calibration.samples)).to_dict()
         else:
-            reports[part] = quantize_weight_only(src, dst, PLANS[precision.value]).to_dict()
+            plan = (plans or {}).get(part, PLANS[precision.value])
+            reports[part] = quantize_weight_only(src, dst, plan).to_dict()
     shutil.copy(source.tokenizer_path, out_dir / source.tokenizer)
     method = METHODS[Int8Scheme.STATIC] if static else METHODS[precision]
     details = {"method": method, "parts": reports,

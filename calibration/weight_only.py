@@ -22,13 +22,13 @@ sensitivity studies (benchmarks/quant_sensitivity.py).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
 
 from .embedding import quantize_embeddings
-from .graph import fold_constant_weights, gemm_to_matmul, output_heads, router_nodes, weight_nodes
+from .graph import decoder_layers, fold_constant_weights, gemm_to_matmul, output_heads, router_nodes, weight_nodes
 from .part_io import PartReport, load, quiet_quantizer, save
 from .qmoe import moe_nodes, quantize_moe_experts
 
@@ -43,12 +43,11 @@ class NBits:
 
 @dataclass(frozen=True)
 class WeightOnlyPlan:
-    dense: NBits                     # every weight MatMul/Gemm but routers and the LM head
-    head: NBits | None               # the LM head; None keeps it float
-    expert_bits: int                 # QMoE, accuracy_level 4 (block chosen by blockwise.block_for)
-    embedding_bits: int | None       # GatherBlockQuantized; None keeps the tables float
-    keep_float: tuple[str, ...] = field(default=())   # initializer-name substrings left float
-    eight_bit: tuple[str, ...] = field(default=())    # ... quantised with EIGHT_BIT instead of `dense`
+    dense: NBits | None              # every weight MatMul/Gemm but routers and the LM head
+    head: NBits | None               # the LM head
+    expert_bits: int | None          # QMoE, accuracy_level 4 (block chosen by blockwise.block_for)
+    embedding_bits: int | None       # GatherBlockQuantized
+    layers: frozenset[int] | None = None   # decoder layers whose dense / expert weights are quantised; None: all
 
 
 EIGHT_BIT = NBits(8, 128)
@@ -77,17 +76,20 @@ def quantize_weight_only(src: Path, dst: Path, plan: WeightOnlyPlan) -> PartRepo
 def assign(model: onnx.ModelProto, plan: WeightOnlyPlan) -> dict[NBits, set[str]]:
     """{setting: node names} for every weight MatMul/Gemm (routers are never weight_nodes)."""
     heads = {n.name for n in output_heads(model)}
+    in_scope = _layer_filter(model, plan)
     groups: dict[NBits, set[str]] = {}
     for node in weight_nodes(model, ("MatMul", "Gemm")):
-        weight = node.input[1]
-        if any(s in weight for s in plan.keep_float):
-            continue
-        spec = plan.head if node.name in heads else plan.dense
-        if any(s in weight for s in plan.eight_bit):
-            spec = EIGHT_BIT
+        spec = plan.head if node.name in heads else plan.dense if in_scope(node) else None
         if spec is not None:
             groups.setdefault(spec, set()).add(node.name)
     return groups
+
+
+def _layer_filter(model: onnx.ModelProto, plan: WeightOnlyPlan):
+    if plan.layers is None:
+        return lambda node: True
+    layer = decoder_layers(model)
+    return lambda node: layer.get(node.name) in plan.layers
 
 
 def matmul_nbits(model: onnx.ModelProto, names: set[str], spec: NBits) -> onnx.ModelProto:
@@ -103,14 +105,10 @@ def matmul_nbits(model: onnx.ModelProto, names: set[str], spec: NBits) -> onnx.M
 
 
 def quantize_experts(model: onnx.ModelProto, plan: WeightOnlyPlan) -> tuple[int, int]:
-    """(QMoE nodes, MoE nodes left float): experts at plan.expert_bits, or 8 bit / float where named."""
-    groups: dict[int, set[str]] = {}
+    """(QMoE nodes, MoE nodes left float)."""
+    in_scope = _layer_filter(model, plan)
     nodes = moe_nodes(model)
-    for node in nodes:
-        weights = node.input[2] + " " + node.input[4]
-        if any(s in weights for s in plan.keep_float):
-            continue
-        bits = 8 if any(s in weights for s in plan.eight_bit) else plan.expert_bits
-        groups.setdefault(bits, set()).add(node.input[2])
-    done = sum(quantize_moe_experts(model, bits, accuracy_level=4, fc1_names=names) for bits, names in groups.items())
+    chosen = {n.input[2] for n in nodes if in_scope(n)}
+    done = quantize_moe_experts(model, plan.expert_bits, accuracy_level=4, fc1_names=chosen) \
+        if plan.expert_bits and chosen else 0
     return done, len(nodes) - done
