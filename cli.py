@@ -72,11 +72,15 @@ def _export_parser() -> argparse.ArgumentParser:
                    help="MoE lowering: ort = com.microsoft.MoE, plugin = the TensorRT plugin node, "
                         "portable = standard ONNX ops; auto = ort for onnx, plugin for tensorrt")
     p.add_argument("--precision", choices=["fp32", "fp16", "int8", "int4", "fp8"], default="fp32",
-                   help="int8/int4/fp8 quantise with calibration data (routers and norms stay in float)")
+                   help="int8/int4: weight-only quantisation on onnxruntime's fast CPU kernels (no calibration "
+                        "data; routers and norms stay float); fp8 and --target tensorrt int8 calibrate Q/DQ")
     p.add_argument("--vision-tower", help="local CLIP/SigLIP directory overriding the config's mm_image_tower")
     p.add_argument("--no-validate", action="store_true", help="skip the comparison against PyTorch")
     p.add_argument("--out", required=True, help="output directory (written atomically)")
     q = p.add_argument_group("quantisation")
+    q.add_argument("--int8-scheme", choices=["weight-only", "static"], default="weight-only",
+                   help="onnx target, --precision int8: weight-only (default; MatMulNBits 8 bit) or static "
+                        "(calibrated Q/DQ, per-tensor int8 activations: less accurate, see README)")
     q.add_argument("--calib-data", help="LLaVA-JSON file or image folder for calibration (default: synthetic set)")
     q.add_argument("--calib-min-tokens", type=int, default=32,
                    help="add calibration samples until every expert of every MoE layer saw this many tokens")
@@ -107,7 +111,7 @@ def _export(args: argparse.Namespace) -> int:
         from calibration.quantize import export_quantized
         out = export_quantized(args.model, args.out, args.moe_impl, args.precision, args.vision_tower,
                                calib_data=args.calib_data, calib_min_tokens=args.calib_min_tokens,
-                               validate=not args.no_validate)
+                               validate=not args.no_validate, int8_scheme=args.int8_scheme)
     else:
         from export.onnx_export import export_onnx
         out = export_onnx(args.model, args.out, args.moe_impl, args.precision, args.vision_tower,

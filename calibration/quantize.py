@@ -68,6 +68,9 @@ def export_quantized(model: str | Path, out: str | Path, moe_impl="auto", precis
     from moe_llava.loading import load_pretrained
     p, scheme = check_precision(precision), Int8Scheme(int8_scheme)
     calibrate = needs_calibration(p, scheme)
+    if calib_data is not None and not calibrate:
+        raise UserError(f"--calib-data is read only by --int8-scheme static; --precision {p.value} "
+                        f"({scheme.value if p is QuantPrecision.INT8 else 'weight-only'}) needs no calibration data")
     out = Path(out)
     check_target(out)
     impl = MoEImpl(moe_impl).resolve("onnx")
@@ -148,9 +151,9 @@ def quantize_export(fp32_dir: Path, out_dir: Path, precision: QuantPrecision | s
 METHODS = {
     QuantPrecision.INT8: "weight-only: MatMulNBits 8-bit (block 128, symmetric, accuracy_level 4) incl. the LM head; "
                          "QMoE 8-bit block-wise experts; GatherBlockQuantized 8-bit embeddings; routers/norms float",
-    QuantPrecision.INT4: "weight-only: MatMulNBits 4-bit (block 32, symmetric, accuracy_level 4) incl. the LM head; "
-                         "QMoE 4-bit (block 32, accuracy_level 4) experts; GatherBlockQuantized 4-bit embeddings; "
-                         "routers/norms float",
+    QuantPrecision.INT4: "weight-only: MatMulNBits 4-bit (block 128, symmetric, accuracy_level 4); LM head "
+                         "MatMulNBits 8-bit (block 128, accuracy_level 4); QMoE 4-bit (block 32, accuracy_level 4) "
+                         "experts; GatherBlockQuantized 4-bit embeddings; routers/norms float",
     Int8Scheme.STATIC: "onnxruntime static Q/DQ (U8U8, per-channel asymmetric weights, MinMax) on MatMul/Gemm/Conv; "
                        "LM head MatMulNBits 8-bit; QMoE 8-bit block-wise experts; GatherBlockQuantized 8-bit "
                        "embeddings; routers/norms float",

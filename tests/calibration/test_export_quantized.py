@@ -9,11 +9,20 @@ def test_bad_calib_data_fails_before_exporting(tiny_loaded, tmp_path, monkeypatc
     monkeypatch.setattr("export.onnx_export.write_export", lambda *a, **k: pytest.fail("exported anyway"))
     with pytest.raises(UserError, match="does not exist"):
         quantize.export_quantized(tiny_loaded.directory, tmp_path / "out", "ort", "int8",
-                                  calib_data=tmp_path / "missing.json")
+                                  calib_data=tmp_path / "missing.json", int8_scheme="static")
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(UserError, match="holds no images"):
-        quantize.export_quantized(tiny_loaded.directory, tmp_path / "out", "ort", "int8", calib_data=empty)
+        quantize.export_quantized(tiny_loaded.directory, tmp_path / "out", "ort", "int8", calib_data=empty,
+                                  int8_scheme="static")
+
+
+def test_calib_data_without_calibration_is_refused(tiny_loaded, tmp_path, monkeypatch):
+    monkeypatch.setattr("export.onnx_export.write_export", lambda *a, **k: pytest.fail("exported anyway"))
+    for precision in ("int8", "int4"):
+        with pytest.raises(UserError, match="needs no calibration data"):
+            quantize.export_quantized(tiny_loaded.directory, tmp_path / "out", "ort", precision,
+                                      calib_data=tmp_path)
 
 
 def test_failed_quantisation_leaves_no_directory(tiny_loaded, tmp_path, monkeypatch):
@@ -34,7 +43,8 @@ def test_failed_quantisation_leaves_no_directory(tiny_loaded, tmp_path, monkeypa
     out = tmp_path / "exports" / "int8"
     with pytest.raises(UserError, match="quantiser broke"):
         quantize.export_quantized(tiny_loaded.directory, out, "portable", "int8", calib_data=images,
-                                  calib=quantize.CalibConfig(min_tokens=1, min_samples=1, max_samples=3))
+                                  calib=quantize.CalibConfig(min_tokens=1, min_samples=1, max_samples=3),
+                                  int8_scheme="static")
     assert not out.exists() and list(out.parent.iterdir()) == []
 
 

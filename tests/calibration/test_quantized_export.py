@@ -1,5 +1,6 @@
-"""int8 / int4 exports of a tiny StableLM checkpoint: they run in the runtime, validation.json has the new
-figures, routers stay float. One torch export per MoE lowering (fp32_exports), quantised from there."""
+"""int8 / int4 exports of a tiny StableLM checkpoint (weight-only; int8 also with --int8-scheme static): they
+run in the runtime, validation.json has the new figures, routers stay float. One torch export per MoE
+lowering (fp32_exports), quantised from there."""
 import json
 
 import numpy as np
@@ -14,6 +15,7 @@ from runtime.manifest import Manifest
 from runtime.pipeline import load_pipeline
 
 pytestmark = pytest.mark.slow
+KEYS = (("ort", "int8"), ("ort", "int4"), ("portable", "int8"), ("ort", "int8-static"))
 
 
 @pytest.fixture(scope="module")
@@ -21,30 +23,33 @@ def quantized(fp32_exports, calib_set, tiny_loaded, small_set, tmp_path_factory)
     """{(impl, precision): validated export dir}."""
     root = tmp_path_factory.mktemp("quantized")
     out = {}
-    for impl, precision in (("ort", "int8"), ("ort", "int4"), ("portable", "int8")):
+    for impl, precision in KEYS:
         directory = root / f"{impl}_{precision}"
-        quantize_export(fp32_exports[impl], directory, precision, calib_set if precision == "int8" else None)
+        static = precision == "int8-static"
+        quantize_export(fp32_exports[impl], directory, precision[:4], calib_set if static else None,
+                        "static" if static else "weight-only")
         validate_quantized(tiny_loaded, directory, synthetic=SMALL_SET, pope_per_split=2)
         out[impl, precision] = directory
     return out
 
 
-@pytest.mark.parametrize("key", [("ort", "int8"), ("ort", "int4"), ("portable", "int8")])
+@pytest.mark.parametrize("key", KEYS)
 def test_validation_json_has_the_quantised_figures(quantized, key):
     report = json.loads((quantized[key] / "validation.json").read_text())
-    assert report["passed"] and report["precision"] == key[1] and report["reference"] == "pytorch fp32"
+    precision = key[1][:4]
+    assert report["passed"] and report["precision"] == precision and report["reference"] == "pytorch fp32"
     assert 0.9 <= report["logit_cosine"]["mean"] <= 1.0 and report["logit_cosine"]["positions"] > 2
     assert 0.0 <= report["greedy_agreement"] <= 1.0 and report["router_agreement"] >= 0.85
     pope = report["pope"]
     assert pope["n"] == 6 and {"f1", "f1_reference", "f1_drop_points", "gated"} <= set(pope)
     assert pope["gated"] is False   # a random tiny model cannot do POPE: reported, not gated
     manifest = Manifest.load(quantized[key])
-    assert manifest.precision == key[1] and manifest.moe_impl == key[0]
+    assert manifest.precision == precision and manifest.moe_impl == key[0]
     calibration = json.loads((quantized[key] / "calibration.json").read_text())
-    assert (calibration["calibration"] is None) == (key[1] == "int4")
+    assert (calibration["calibration"] is None) == (key[1] != "int8-static")
 
 
-@pytest.mark.parametrize("key", [("ort", "int8"), ("ort", "int4"), ("portable", "int8")])
+@pytest.mark.parametrize("key", KEYS)
 def test_runs_in_the_runtime(quantized, key):
     from moe_llava.data import draw_scene, sample_scene
     image = draw_scene(sample_scene(np.random.default_rng(3)))
@@ -53,7 +58,7 @@ def test_runs_in_the_runtime(quantized, key):
     assert result.timings["total_ms"] > 0 and all(0 <= t < 384 for t in result.token_ids)
 
 
-@pytest.mark.parametrize("key", [("ort", "int8"), ("portable", "int8"), ("ort", "int4")])
+@pytest.mark.parametrize("key", KEYS)
 def test_routers_stay_float_in_the_quantised_graph(quantized, key):
     model = onnx.load(str(quantized[key] / "decoder.onnx"))
     routers = router_nodes(model)
@@ -65,10 +70,10 @@ def test_routers_stay_float_in_the_quantised_graph(quantized, key):
     ops = [n.op_type for n in model.graph.node]
     if key[0] == "ort":
         assert "QMoE" in ops and "MoE" not in ops
-    if key[1] == "int8":
+    if key[1] == "int8-static":
         assert ops.count("DequantizeLinear") > 0
     else:
-        assert "MatMulNBits" in ops and "QuantizeLinear" not in ops
+        assert "MatMulNBits" in ops and "QuantizeLinear" not in ops and "DequantizeLinear" not in ops
 
 
 def test_quantised_exports_are_smaller(quantized, fp32_exports):
