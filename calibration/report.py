@@ -4,7 +4,8 @@
     print(format_table(rows))
 
 size_mb: the graph files (.onnx + external .data) on disk; size_ratio against the fp32 row when there is
-one. greedy_agreement / router_agreement / logit_cosine / POPE F1 come from each directory's
+one. scheme: weight-only or static (int8 Q/DQ), from the manifest. greedy_agreement (plain; beside it
+greedy_agreement_beyond_ties, answers agreeing up to near-tie divergences) / router_agreement / logit_cosine / POPE F1 come from each directory's
 validation.json (fp32 exports have no POPE figure of their own: they are token-identical to PyTorch,
 whose F1 the quantised reports carry as f1_reference). decode_tokens_per_s: greedy decode steps per second
 of the onnxruntime runtime on this machine (prefill of one image + prompt, then DECODE_STEPS forced steps,
@@ -66,8 +67,10 @@ def precision_table(export_dirs, speed: bool = True, threads: int | None = None)
     for directory in map(Path, export_dirs):
         manifest, report = Manifest.load(directory), read_validation(directory)
         pope = report.get("pope") or {}
-        row = {"export": str(directory), "precision": manifest.precision, "moe_impl": manifest.moe_impl,
+        row = {"export": str(directory), "precision": manifest.precision, "scheme": scheme(directory),
+               "moe_impl": manifest.moe_impl,
                "size_mb": graph_bytes(directory) / 1e6, "greedy_agreement": report.get("greedy_agreement"),
+               "greedy_beyond_ties": report.get("greedy_agreement_beyond_ties"),
                "router_agreement": report.get("router_agreement"),
                "logit_cosine": (report.get("logit_cosine") or {}).get("mean"),
                "pope_f1": pope.get("f1"), "pope_f1_reference": pope.get("f1_reference"),
@@ -81,19 +84,32 @@ def precision_table(export_dirs, speed: bool = True, threads: int | None = None)
     return sorted(rows, key=lambda r: r["precision"] != "fp32")
 
 
+def scheme(directory: Path) -> str | None:
+    """'static' for a calibrated Q/DQ int8 export, 'weight-only' for the others' quantisation, else None."""
+    method = (json.loads((Path(directory) / "manifest.json").read_text()).get("quantization") or {}).get("method")
+    if method is None:
+        return None
+    return "static" if "static Q/DQ" in method else "weight-only"
+
+
 def _fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
 def format_table(rows: list[dict]) -> str:
-    """Markdown: precision | size | vs fp32 | greedy | router | logit cos | POPE F1 (drop) | decode tok/s | prefill."""
-    lines = ["| precision | MoE | size MB | vs fp32 | greedy agreement | router agreement | logit cosine | "
-             "POPE F1 (drop, points) | decode tok/s | prefill ms |",
+    """Markdown: precision | size | vs fp32 | greedy (plain; up to near-ties) | router | logit cos | POPE F1 (drop) |
+    decode tok/s | prefill."""
+    lines = ["| precision | MoE | size MB | vs fp32 | greedy agreement (up to near-ties) | router agreement | "
+             "logit cosine | POPE F1 (drop, points) | decode tok/s | prefill ms |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         pope = "-" if r["pope_f1"] is None else f"{r['pope_f1']:.3f} ({r['pope_f1_drop_points']:+.1f})"
-        lines.append(f"| {r['precision']} | {r['moe_impl']} | {r['size_mb']:.2f} | {_fmt(r['size_ratio'], '.2f')} | "
-                     f"{_fmt(r['greedy_agreement'], '.3f')} | {_fmt(r['router_agreement'], '.3f')} | "
+        greedy = _fmt(r["greedy_agreement"], ".3f")
+        if r.get("greedy_beyond_ties") is not None:
+            greedy += f" ({r['greedy_beyond_ties']:.3f})"
+        label = r["precision"] + (f" {r['scheme']}" if r.get("scheme") else "")
+        lines.append(f"| {label} | {r['moe_impl']} | {r['size_mb']:.2f} | {_fmt(r['size_ratio'], '.2f')} | "
+                     f"{greedy} | {_fmt(r['router_agreement'], '.3f')} | "
                      f"{_fmt(r['logit_cosine'], '.4f')} | {pope} | {_fmt(r.get('decode_tokens_per_s'), '.1f')} | "
                      f"{_fmt(r.get('prefill_ms'), '.1f')} |")
     return "\n".join(lines)
