@@ -78,10 +78,8 @@ def _export_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-validate", action="store_true", help="skip the comparison against PyTorch")
     p.add_argument("--out", required=True, help="output directory (written atomically)")
     q = p.add_argument_group("quantisation")
-    q.add_argument("--int8-scheme", choices=["weight-only", "static"], default="weight-only",
-                   help="onnx target, --precision int8: weight-only (default; MatMulNBits 8 bit) or static "
-                        "(calibrated Q/DQ, per-tensor int8 activations: less accurate, see README)")
-    q.add_argument("--calib-data", help="LLaVA-JSON file or image folder for calibration (default: synthetic set)")
+    q.add_argument("--calib-data", help="--target tensorrt: LLaVA-JSON file or image folder for calibration "
+                   "(default: synthetic set)")
     q.add_argument("--calib-min-tokens", type=int, default=32,
                    help="add calibration samples until every expert of every MoE layer saw this many tokens")
     t = p.add_argument_group("tensorrt")
@@ -109,9 +107,11 @@ def _export(args: argparse.Namespace) -> int:
         raise UserError("--model is required (a checkpoint directory or 'demo')")
     if args.precision in ("int8", "int4", "fp8"):
         from calibration.quantize import export_quantized
+        if args.calib_data:
+            raise UserError("--calib-data is read by --target tensorrt only: onnx int8/int4 exports are weight-only "
+                            "and need no calibration data (drop --calib-data)")
         out = export_quantized(args.model, args.out, args.moe_impl, args.precision, args.vision_tower,
-                               calib_data=args.calib_data, calib_min_tokens=args.calib_min_tokens,
-                               validate=not args.no_validate, int8_scheme=args.int8_scheme)
+                               validate=not args.no_validate)
     else:
         from export.onnx_export import export_onnx
         out = export_onnx(args.model, args.out, args.moe_impl, args.precision, args.vision_tower,

@@ -10,9 +10,9 @@
 - fold_constant_weights: Gather(initializer, constant index) and Transpose(initializer) become initializers,
   so the portable lowering's per-expert weights (Gather(fc1, e) -> Transpose -> MatMul) are plain weights.
 - gemm_to_matmul: Gemm(A, B, C) with a constant B -> MatMul(A, B') [+ Add C] (MatMulNBits takes MatMul only).
-- keep_float_inputs / read_float_inputs: after QDQ insertion, nodes that are not quantised read the float
-  tensor again instead of its QuantizeLinear -> DequantizeLinear copy (onnxruntime and ModelOpt rewire every
-  consumer of a calibrated tensor, excluded nodes included).
+- read_float_inputs: after QDQ insertion, nodes that are not quantised read the float tensor again instead
+  of its QuantizeLinear -> DequantizeLinear copy (ModelOpt rewires every consumer of a calibrated tensor,
+  excluded nodes included).
 """
 from __future__ import annotations
 
@@ -148,13 +148,6 @@ def gemm_to_matmul(model: onnx.ModelProto, skip: set[str]) -> int:
     model.graph.node.extend(nodes)
     drop_unused_initializers(model)
     return count
-
-
-def keep_float_inputs(model: onnx.ModelProto, quantized: set[str]) -> int:
-    """Nodes outside `quantized` read x instead of DequantizeLinear(QuantizeLinear(x)); returns rewired inputs."""
-    keep = {n.name for n in model.graph.node
-            if n.name not in quantized and n.op_type not in ("QuantizeLinear", "DequantizeLinear")}
-    return read_float_inputs(model, keep)
 
 
 def read_float_inputs(model: onnx.ModelProto, names: set[str]) -> int:

@@ -4,9 +4,9 @@
     print(format_table(rows))
 
 size_mb: the graph files (.onnx + external .data) on disk; size_ratio against the fp32 row when there is
-one. scheme: weight-only or static (int8 Q/DQ), from the manifest. greedy_agreement (plain; beside it
-greedy_agreement_beyond_ties, answers agreeing up to near-tie divergences) / router_agreement / logit_cosine / POPE F1 come from each directory's
-validation.json (fp32 exports have no POPE figure of their own: they are token-identical to PyTorch,
+one. greedy_agreement (plain; beside it
+greedy_agreement_beyond_ties, answers agreeing up to near-tie divergences) / router_agreement /
+logit_cosine / POPE F1 come from each directory's validation.json (fp32 exports have no POPE figure of their own: they are token-identical to PyTorch,
 whose F1 the quantised reports carry as f1_reference). decode_tokens_per_s: greedy decode steps per second
 of the onnxruntime runtime on this machine (prefill of one image + prompt, then DECODE_STEPS forced steps,
 best of REPEATS), prefill_ms likewise.
@@ -67,8 +67,7 @@ def precision_table(export_dirs, speed: bool = True, threads: int | None = None)
     for directory in map(Path, export_dirs):
         manifest, report = Manifest.load(directory), read_validation(directory)
         pope = report.get("pope") or {}
-        row = {"export": str(directory), "precision": manifest.precision, "scheme": scheme(directory),
-               "moe_impl": manifest.moe_impl,
+        row = {"export": str(directory), "precision": manifest.precision, "moe_impl": manifest.moe_impl,
                "size_mb": graph_bytes(directory) / 1e6, "greedy_agreement": report.get("greedy_agreement"),
                "greedy_beyond_ties": report.get("greedy_agreement_beyond_ties"),
                "router_agreement": report.get("router_agreement"),
@@ -82,14 +81,6 @@ def precision_table(export_dirs, speed: bool = True, threads: int | None = None)
     for row in rows:
         row["size_ratio"] = row["size_mb"] / fp32["size_mb"] if fp32 else None
     return sorted(rows, key=lambda r: r["precision"] != "fp32")
-
-
-def scheme(directory: Path) -> str | None:
-    """'static' for a calibrated Q/DQ int8 export, 'weight-only' for the others' quantisation, else None."""
-    method = (json.loads((Path(directory) / "manifest.json").read_text()).get("quantization") or {}).get("method")
-    if method is None:
-        return None
-    return "static" if "static Q/DQ" in method else "weight-only"
 
 
 def _fmt(value, spec: str) -> str:
@@ -107,8 +98,7 @@ def format_table(rows: list[dict]) -> str:
         greedy = _fmt(r["greedy_agreement"], ".3f")
         if r.get("greedy_beyond_ties") is not None:
             greedy += f" ({r['greedy_beyond_ties']:.3f})"
-        label = r["precision"] + (f" {r['scheme']}" if r.get("scheme") else "")
-        lines.append(f"| {label} | {r['moe_impl']} | {r['size_mb']:.2f} | {_fmt(r['size_ratio'], '.2f')} | "
+        lines.append(f"| {r['precision']} | {r['moe_impl']} | {r['size_mb']:.2f} | {_fmt(r['size_ratio'], '.2f')} | "
                      f"{greedy} | {_fmt(r['router_agreement'], '.3f')} | "
                      f"{_fmt(r['logit_cosine'], '.4f')} | {pope} | {_fmt(r.get('decode_tokens_per_s'), '.1f')} | "
                      f"{_fmt(r.get('prefill_ms'), '.1f')} |")

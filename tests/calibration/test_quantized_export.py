@@ -1,6 +1,5 @@
-"""int8 / int4 exports of a tiny StableLM checkpoint (weight-only; int8 also with --int8-scheme static): they
-run in the runtime, validation.json has the new figures, routers stay float. One torch export per MoE
-lowering (fp32_exports), quantised from there."""
+"""int8 / int4 exports (weight-only) of a tiny StableLM checkpoint: they run in the runtime, validation.json has
+the new figures, routers stay float. One torch export per MoE lowering (fp32_exports), quantised from there."""
 import json
 
 import numpy as np
@@ -15,19 +14,17 @@ from runtime.manifest import Manifest
 from runtime.pipeline import load_pipeline
 
 pytestmark = pytest.mark.slow
-KEYS = (("ort", "int8"), ("ort", "int4"), ("portable", "int8"), ("ort", "int8-static"))
+KEYS = (("ort", "int8"), ("ort", "int4"), ("portable", "int8"))
 
 
 @pytest.fixture(scope="module")
-def quantized(fp32_exports, calib_set, tiny_loaded, small_set, tmp_path_factory):
+def quantized(fp32_exports, tiny_loaded, small_set, tmp_path_factory):
     """{(impl, precision): validated export dir}."""
     root = tmp_path_factory.mktemp("quantized")
     out = {}
     for impl, precision in KEYS:
         directory = root / f"{impl}_{precision}"
-        static = precision == "int8-static"
-        quantize_export(fp32_exports[impl], directory, precision[:4], calib_set if static else None,
-                        "static" if static else "weight-only")
+        quantize_export(fp32_exports[impl], directory, precision)
         validate_quantized(tiny_loaded, directory, synthetic=SMALL_SET, pope_per_split=2)
         out[impl, precision] = directory
     return out
@@ -36,7 +33,7 @@ def quantized(fp32_exports, calib_set, tiny_loaded, small_set, tmp_path_factory)
 @pytest.mark.parametrize("key", KEYS)
 def test_validation_json_has_the_quantised_figures(quantized, key):
     report = json.loads((quantized[key] / "validation.json").read_text())
-    precision = key[1][:4]
+    precision = key[1]
     assert report["passed"] and report["precision"] == precision and report["reference"] == "pytorch fp32"
     assert 0.9 <= report["logit_cosine"]["mean"] <= 1.0 and report["logit_cosine"]["positions"] > 2
     assert 0.0 <= report["greedy_agreement"] <= 1.0 and report["router_agreement"] >= 0.85
@@ -46,7 +43,7 @@ def test_validation_json_has_the_quantised_figures(quantized, key):
     manifest = Manifest.load(quantized[key])
     assert manifest.precision == precision and manifest.moe_impl == key[0]
     calibration = json.loads((quantized[key] / "calibration.json").read_text())
-    assert (calibration["calibration"] is None) == (key[1] != "int8-static")
+    assert calibration["calibration"] is None and "weight-only" in calibration["method"]
 
 
 @pytest.mark.parametrize("key", KEYS)
@@ -70,10 +67,7 @@ def test_routers_stay_float_in_the_quantised_graph(quantized, key):
     ops = [n.op_type for n in model.graph.node]
     if key[0] == "ort":
         assert "QMoE" in ops and "MoE" not in ops
-    if key[1] == "int8-static":
-        assert ops.count("DequantizeLinear") > 0
-    else:
-        assert "MatMulNBits" in ops and "QuantizeLinear" not in ops and "DequantizeLinear" not in ops
+    assert "MatMulNBits" in ops and "QuantizeLinear" not in ops and "DequantizeLinear" not in ops
 
 
 def test_quantised_exports_are_smaller(quantized, fp32_exports):
