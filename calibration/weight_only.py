@@ -17,8 +17,12 @@ development VM, one MatMul at M=1, 1 thread, ms (benchmarks/quant_kernels.py; a 
 
 Which node gets which setting is decided by the weight's role, found from the graph (graph.py: routers by
 what consumes their output, the LM head by reaching a graph output), never by node position or name, so the
-plan holds on whatever graph the exporter writes. `keep_float` / `eight_bit` name initializer substrings for
-sensitivity studies (benchmarks/quant_sensitivity.py).
+plan holds on whatever graph the exporter writes. A role set to None stays float; `layers` limits dense and
+expert quantisation to some decoder layers (decoder_layers in graph.py; benchmarks/quant_sensitivity.py).
+
+The LM head is 8 bit in both precisions: in 4 bit it alone cut the demo model's greedy agreement to 0.469,
+and 8 bit at accuracy_level 4 is 5x faster than the fp32 head (0.18 vs 0.99 ms above). At the released vocab
+(100352 x 2048) it is 205 MB per token instead of 103 MB in 4 bit: PLANS["int4"].head is the knob.
 """
 from __future__ import annotations
 
