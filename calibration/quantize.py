@@ -120,7 +120,7 @@ METHODS = {
     QuantPrecision.INT8: "weight-only: MatMulNBits 8-bit (block 128, symmetric, accuracy_level 4) incl. the LM head; "
                          "QMoE 8-bit block-wise experts; GatherBlockQuantized 8-bit embeddings; routers/norms float",
     QuantPrecision.INT4: "weight-only: MatMulNBits 4-bit (block 128, symmetric, accuracy_level 4); LM head "
-                         "MatMulNBits 8-bit (block 128, accuracy_level 4); QMoE 4-bit (block 32, accuracy_level 4) "
+                         "MatMulNBits 8-bit (block 128, accuracy_level 4); QMoE 4-bit (block 64, accuracy_level 4) "
                          "experts; GatherBlockQuantized 4-bit embeddings; routers/norms float",
 }
 
