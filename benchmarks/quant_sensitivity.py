@@ -76,4 +76,9 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from runtime.errors import UserError
+    try:
+        sys.exit(main())
+    except UserError as e:   # a path that is not an export / checkpoint: one line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
