@@ -18,16 +18,23 @@ MIN_COSINE = 0.999        # measured 0.99955 (Qwen-1) - 0.99977 (Phi-2)
 CONFIDENT_LOGITS = 0.1    # 4x the largest margin a flip was measured at
 
 
-@pytest.mark.parametrize("family", ["stablelm", "phi", "qwen"])
-def test_int8_keeps_the_logits_and_confident_tokens(family, tmp_path):
+def tiny_fp32_export(family: str, directory):
+    """(loaded tiny checkpoint, its fp32 `ort` export dir), 2 layers."""
     from export.moe_lowering import MoEImpl
     from export.onnx_export import Precision, write_export
     from moe_llava.loading import load_pretrained
-    write_tiny_checkpoint(tmp_path / "ckpt", family, num_hidden_layers=2)
-    loaded = load_pretrained(tmp_path / "ckpt")
-    (tmp_path / "fp32").mkdir()
-    write_export(loaded, tmp_path / "fp32", MoEImpl.ORT, Precision.FP32)
-    quantize_export(tmp_path / "fp32", tmp_path / "int8", "int8")
+    write_tiny_checkpoint(directory / "ckpt", family, num_hidden_layers=2)
+    loaded = load_pretrained(directory / "ckpt")
+    (directory / "fp32").mkdir()
+    write_export(loaded, directory / "fp32", MoEImpl.ORT, Precision.FP32)
+    return loaded, directory / "fp32"
+
+
+@pytest.mark.parametrize("family", ["stablelm", "phi", "qwen"])
+def test_int8_keeps_the_logits_and_confident_tokens(family, tmp_path, tiny_loaded, fp32_exports):
+    # StableLM: the calibration tests' shared tiny checkpoint and export (same family, 2 layers)
+    loaded, fp32 = (tiny_loaded, fp32_exports["ort"]) if family == "stablelm" else tiny_fp32_export(family, tmp_path)
+    quantize_export(fp32, tmp_path / "int8", "int8")
     images = sample_images(loaded, 4)
     agreement, answers = greedy_agreement(loaded, tmp_path / "int8", images, 12)
     cosine, divergences = logit_cosine(loaded, tmp_path / "int8", images, answers)
