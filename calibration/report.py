@@ -4,13 +4,12 @@
     print(format_table(rows))
 
 size_mb: the graph files (.onnx + external .data) on disk; size_ratio against the fp32 row when there is
-one. greedy_agreement (plain; beside it
-greedy_agreement_beyond_ties, answers agreeing up to near-tie divergences) / router_agreement /
-logit_cosine / POPE F1 come from each directory's validation.json (fp32 exports have no POPE figure of
-their own: they are token-identical to PyTorch,
-whose F1 the quantised reports carry as f1_reference). decode_tokens_per_s: greedy decode steps per second
-of the onnxruntime runtime on this machine (prefill of one image + prompt, then DECODE_STEPS greedy steps),
-prefill_ms likewise: medians of ROUNDS rounds that measure every export in turn (interleaved_speeds).
+one. greedy_agreement (plain; beside it greedy_agreement_beyond_ties, answers agreeing up to near-tie
+divergences) / router_agreement / logit_cosine / POPE F1 come from each directory's validation.json (fp32
+exports have no POPE figure of their own: they are token-identical to PyTorch, whose F1 the quantised
+reports carry as f1_reference). decode_tokens_per_s: greedy decode steps per second of the onnxruntime
+runtime on this machine (prefill of one image + prompt, then DECODE_STEPS greedy steps), prefill_ms
+likewise: medians of ROUNDS rounds that measure every export in turn (interleaved_speeds).
 """
 from __future__ import annotations
 
