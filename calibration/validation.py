@@ -110,7 +110,7 @@ def quality_failures(report: dict) -> list[str]:
 
 
 def worst_divergence(divergences: list[dict]) -> str:
-    """', worst divergence: sample 3 step 5, PyTorch token 17 vs 42 by a logit margin of 1.20' (or '')."""
+    """'; worst divergence: sample 3 step 5, PyTorch token 17 vs 42 by a logit margin of 1.200 (...)' or ''."""
     if not divergences:
         return ""
     d = max(divergences, key=lambda d: d["reference_margin"])
