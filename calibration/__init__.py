@@ -1,14 +1,15 @@
-"""Calibration and quantisation: calibration sets with expert coverage, onnxruntime int8/int4 exports,
+"""Calibration and quantisation: onnxruntime weight-only int8/int4 exports, calibration sets with expert coverage,
 ModelOpt Q/DQ for TensorRT, accuracy reports.
 
   data.py         calibration samples (synthetic demo set, LLaVA-JSON, image folder)
   coverage.py     ExpertCoverage + RouterRecorder (router forward hooks)
   calibset.py     samples through the PyTorch model; coverage-driven selection
-  readers.py      calibration tensors per exported part (onnxruntime reader, ModelOpt arrays)
+  readers.py      calibration tensors per exported part (ModelOpt arrays)
   graph.py        ONNX passes: routers, weight nodes, folding, float inputs
   blockwise.py    block-wise weight quantisation (QMoE / GatherBlockQuantized layout)
   qmoe.py         com.microsoft.MoE -> QMoE;  embedding.py  Gather -> GatherBlockQuantized
-  ort_quant.py    int8 static Q/DQ and int4 weight-only for one part
+  weight_only.py  int8 / int4 weight-only plans (MatMulNBits, QMoE, GatherBlockQuantized) for one part
+  part_io.py      load / save one part, PartReport
   quantize.py     export_quantized (moe-export --precision int8|int4|fp8, onnx target)
   modelopt_qdq.py ModelOpt int8 / fp8 / int4_awq Q/DQ (TensorRT target)
   tensorrt_quantised.py  moe-export --target tensorrt: export.tensorrt_build with the Q/DQ graphs above

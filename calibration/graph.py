@@ -3,12 +3,14 @@
 - router_nodes (export/routers.py): the fp32 router MatMul/Gemm of every MoE layer.
 - weight_nodes: MatMul/Gemm/Conv/Gather nodes whose weight is an initializer (what gets quantised);
   output_heads: those whose output is a graph output (the LM head).
+- decoder_layers: node -> decoder layer index, from the layer-numbered initializers (norm weights, biases)
+  its layer's nodes read, carried forward in topological order (sensitivity studies only).
 - fold_constant_weights: Gather(initializer, constant index) and Transpose(initializer) become initializers,
   so the portable lowering's per-expert weights (Gather(fc1, e) -> Transpose -> MatMul) are plain weights.
 - gemm_to_matmul: Gemm(A, B, C) with a constant B -> MatMul(A, B') [+ Add C] (MatMulNBits takes MatMul only).
-- keep_float_inputs / read_float_inputs: after QDQ insertion, nodes that are not quantised read the float
-  tensor again instead of its QuantizeLinear -> DequantizeLinear copy (onnxruntime and ModelOpt rewire every
-  consumer of a calibrated tensor, excluded nodes included).
+- read_float_inputs: after QDQ insertion, nodes that are not quantised read the float tensor again instead
+  of its QuantizeLinear -> DequantizeLinear copy (ModelOpt rewires every consumer of a calibrated tensor,
+  excluded nodes included).
 """
 from __future__ import annotations
 
@@ -53,6 +55,18 @@ def output_heads(model: onnx.ModelProto) -> list[onnx.NodeProto]:
         return hops > 0 and any(u.op_type in ("Cast", "Reshape") and reaches_output(u.output[0], hops - 1)
                                 for u in users.get(tensor, []))
     return [n for n in weight_nodes(model, ("MatMul", "Gemm")) if reaches_output(n.output[0])]
+
+
+def decoder_layers(model: onnx.ModelProto) -> dict[str, int]:
+    """{node name: layer} - a node belongs to the last `layers.N.` initializer read at or before it."""
+    import re
+    pattern, layer, found = re.compile(r"layers\.(\d+)\."), None, {}
+    for node in model.graph.node:
+        numbers = [int(m.group(1)) for name in node.input for m in [pattern.search(name)] if m]
+        layer = max(numbers) if numbers else layer
+        if layer is not None:
+            found[node.name] = layer
+    return found
 
 
 def _constant_value(name: str, inits: dict, constants: dict) -> np.ndarray | None:
@@ -109,13 +123,6 @@ def gemm_to_matmul(model: onnx.ModelProto, skip: set[str]) -> int:
     model.graph.node.extend(nodes)
     drop_unused_initializers(model)
     return count
-
-
-def keep_float_inputs(model: onnx.ModelProto, quantized: set[str]) -> int:
-    """Nodes outside `quantized` read x instead of DequantizeLinear(QuantizeLinear(x)); returns rewired inputs."""
-    keep = {n.name for n in model.graph.node
-            if n.name not in quantized and n.op_type not in ("QuantizeLinear", "DequantizeLinear")}
-    return read_float_inputs(model, keep)
 
 
 def read_float_inputs(model: onnx.ModelProto, names: set[str]) -> int:

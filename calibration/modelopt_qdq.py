@@ -13,8 +13,8 @@
   through the TensorRT execution provider, so plugin graphs need TensorRT; on a CPU-only machine
   calibrate the `portable` lowering (standard ops) with calibration_eps=["cpu"].
 - ModelOpt runs in a child process: it monkeypatches onnxruntime.quantization's calibrators while it works,
-  which broke the onnxruntime int8 path (ort_quant.py) of the same process. Never import modelopt.onnx
-  .quantization in-process next to calibration.quantize.
+  which would change onnxruntime.quantization under the weight-only path (weight_only.py) of the same
+  process. Never import modelopt.onnx.quantization in-process next to calibration.quantize.
 - modelopt_export_dir: a whole fp32 export directory -> Q/DQ export directory (what --target tensorrt needs).
 Installed by the `quant` extra: nvidia-modelopt without its [onnx] extra (which pins onnx~=1.21 and
 onnxruntime-gpu~=1.24, replacing our onnxruntime) plus the modules modelopt.onnx.quantization imports;
@@ -93,7 +93,7 @@ def run_modelopt(args: dict, calibration_data: dict[str, np.ndarray]) -> None:
     """modelopt.onnx.quantization.quantize(**args) in a child process.
 
     ModelOpt monkeypatches onnxruntime.quantization's calibrators and quantizers when it runs; in a child
-    process the onnxruntime int8 path of this process (calibration/ort_quant.py) stays the stock one.
+    process onnxruntime.quantization in this process (weight_only.py's MatMulNBitsQuantizer) stays the stock one.
     """
     with tempfile.TemporaryDirectory() as tmp:
         np.savez(Path(tmp) / "calibration.npz", **calibration_data)

@@ -50,24 +50,27 @@ def moe_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
 
 
 def quantize_moe_experts(model: onnx.ModelProto, bits: int, block_size: int | None | str = "auto",
-                         accuracy_level: int = 0) -> int:
+                         accuracy_level: int = 0, fc1_names: set[str] | None = None) -> int:
     """Replace every com.microsoft.MoE node by a QMoE node (in place); returns how many were replaced.
 
-    block_size "auto": blockwise.block_for(H, I); None: one scale per row. accuracy_level 4 lets 4-bit
+    block_size "auto": blockwise.block_for(H, I), as is a block that does not divide H and I; None: one scale
+    per row. accuracy_level 4 lets 4-bit
     experts use int8 activations (8-bit block-wise experts always do). A node whose widths fit no block keeps
-    its float experts.
+    its float experts; with `fc1_names`, only the nodes whose fc1 weight is named there are replaced.
     """
     inits = {i.name: i for i in model.graph.initializer}
     done: dict[str, tuple[str, str]] = {}  # shared weight initializers are quantised once
     replaced = 0
     for node in moe_nodes(model):
         fc1, fc2 = node.input[2], node.input[4]
-        if fc1 not in inits or fc2 not in inits:
+        if fc1 not in inits or fc2 not in inits or (fc1_names is not None and fc1 not in fc1_names):
             continue
-        block = block_for([inits[fc1].dims[-1], inits[fc2].dims[-1]], bits) if block_size == "auto" else block_size
+        widths = [inits[fc1].dims[-1], inits[fc2].dims[-1]]
+        fits = block_size is None or (block_size != "auto" and all(w % block_size == 0 for w in widths))
+        block = block_size if fits else block_for(widths, bits)
+        if block is None and not fits:
+            continue
         spec = BlockQuant(bits, block)
-        if block_size == "auto" and block is None:
-            continue
         names = {}
         for key, weight in (("fc1", fc1), ("fc2", fc2)):
             if weight not in done:

@@ -1,13 +1,17 @@
 """`moe-export --precision int8|int4|fp8` for the onnx target: a quantised export directory.
 
-    checkpoint --write_export--> fp32 graphs (staging) --calibration set (coverage-driven)-->
-    int8: static Q/DQ + QMoE 8 bit | int4: MatMulNBits + QMoE 4 bit  --validate vs PyTorch fp32--> out
+    checkpoint --write_export--> fp32 graphs (staging) --weight-only (weight_only.py)-->
+    int8: MatMulNBits 8 bit + QMoE 8 bit | int4: MatMulNBits 4 bit + QMoE 4 bit  --validate vs PyTorch fp32--> out
+
+No calibration data: weights are rounded to nearest, so int8/int4 exports are deterministic. (A calibrated
+static Q/DQ int8 - per-tensor uint8 activations - was measured against it and removed: demo model greedy
+agreement 0.754 vs 0.865, same decode speed; see README. Calibration stays for --target tensorrt, ModelOpt.)
 
 Everything is assembled in a staging directory next to `out` (export.output_dir.staged_output, as for
 export_onnx) and moved into place only after validation passed; the fp32 graphs live in a second
 temporary directory beside it. fp8 has no onnxruntime CPU kernel: it is refused here and built by
 `--target tensorrt` (ModelOpt Q/DQ, calibration/modelopt_qdq.py) for Hopper / Ada / Thor. int4 with
-`--moe-impl plugin` writes TensorRT's INT4 weight-only graphs instead (export/int4_export.py).
+`--moe-impl plugin` writes TensorRT's INT4 weight-only graphs instead (calibration/trt_int4_export.py).
 """
 from __future__ import annotations
 
@@ -39,8 +43,7 @@ def check_precision(precision: str) -> Precision:
 
 
 def export_quantized(model: str | Path, out: str | Path, moe_impl="auto", precision: str = "int8",
-                     vision_tower: str | None = None, calib_data: str | Path | None = None,
-                     calib_min_tokens: int = 32, validate: bool = True, calib: CalibConfig | None = None,
+                     vision_tower: str | None = None, validate: bool = True,
                      synthetic: SyntheticSpec | None = None, pope_per_split: int | None = None,
                      attention: str = "auto") -> Path:
     """Export `model` ('demo' or a checkpoint dir) quantised to `precision` into `out`; returns `out`."""
@@ -61,16 +64,10 @@ def export_quantized(model: str | Path, out: str | Path, moe_impl="auto", precis
     if impl is MoEImpl.PLUGIN:  # INT4 weight-only graphs for TensorRT (plugin INT4 experts), no calibration
         from .trt_int4_export import export_int4_for_tensorrt
         return export_int4_for_tensorrt(loaded, out, validate, synthetic, pope_per_split)
-    # the candidates first: bad --calib-data fails before the (slow) graph export
-    samples = load_samples(calib_data, loaded.template, synthetic) if p.needs_calibration else []
-    config = calib or CalibConfig(min_tokens=calib_min_tokens)
     with staged_output(out) as staging, tempfile.TemporaryDirectory(prefix=f".{out.name}.fp32.",
                                                                      dir=out.parent) as fp32_dir:
         write_export(loaded, Path(fp32_dir), impl, Precision.FP32, attention)
-        calibration = select_by_coverage(loaded, samples, config) if p.needs_calibration else None
-        if calibration is not None:
-            report_coverage(calibration)
-        quantize_export(Path(fp32_dir), staging, p, calibration)
+        quantize_export(Path(fp32_dir), staging, p)
         if validate:
             from .validation import validate_quantized
             validate_quantized(loaded, staging, synthetic=synthetic, pope_per_split=pope_per_split)
@@ -79,7 +76,8 @@ def export_quantized(model: str | Path, out: str | Path, moe_impl="auto", precis
 
 def calibration_set(loaded, calib_data: str | Path | None = None, min_tokens: int = 32,
                     synthetic: SyntheticSpec | None = None, config: CalibConfig | None = None) -> CalibrationSet:
-    """Candidates from --calib-data (default: the synthetic set), kept until every expert has `min_tokens`."""
+    """Candidates from --calib-data (default: the synthetic set), kept until every expert has `min_tokens`
+    (ModelOpt Q/DQ for --target tensorrt)."""
     calibration = select_by_coverage(loaded, load_samples(calib_data, loaded.template, synthetic),
                                      config or CalibConfig(min_tokens=min_tokens))
     report_coverage(calibration)
@@ -97,39 +95,33 @@ def report_coverage(calibration: CalibrationSet) -> None:
 
 
 def quantize_export(fp32_dir: Path, out_dir: Path, precision: Precision | str,
-                    calibration: CalibrationSet | None) -> Manifest:
-    """An fp32 export directory -> a quantised one in `out_dir` (graphs, tokenizer, manifest, calibration.json)."""
-    from .ort_quant import quantize_int4, quantize_int8
-    from .readers import part_feeds
-    precision = Precision(precision)
+                    plans: dict | None = None) -> Manifest:
+    """An fp32 export directory -> a quantised one in `out_dir` (graphs, tokenizer, manifest, calibration.json).
+
+    `plans` {part: WeightOnlyPlan} overrides the precision's plan per part (sensitivity studies)."""
+    from .weight_only import PLANS, quantize_weight_only
+    precision = check_precision(Precision(precision).value)
     source = Manifest.load(fp32_dir)
     if source.precision != "fp32":
         raise UserError(f"{fp32_dir}: quantisation starts from an fp32 export, not {source.precision}")
-    if precision.needs_calibration and calibration is None:
-        raise UserError(f"--precision {precision.value} needs calibration data")
     out_dir.mkdir(parents=True, exist_ok=True)
     reports = {}
     for part in PARTS:
-        src, dst = source.path(part), out_dir / source.parts[part].file
-        if precision is Precision.INT8:
-            reports[part] = quantize_int8(src, dst, part_feeds(source, part, calibration.samples)).to_dict()
-        else:
-            reports[part] = quantize_int4(src, dst).to_dict()
+        plan = (plans or {}).get(part, PLANS[precision.value])
+        reports[part] = quantize_weight_only(source.path(part), out_dir / source.parts[part].file, plan).to_dict()
     shutil.copy(source.tokenizer_path, out_dir / source.tokenizer)
-    details = {"method": METHODS[precision], "parts": reports,
-               "calibration": calibration.summary() if calibration is not None else None}
+    details = {"method": METHODS[precision], "parts": reports, "calibration": None}
     _write_manifest(fp32_dir, out_dir, precision, details)
     (out_dir / "calibration.json").write_text(json.dumps(details, indent=1) + "\n")
     return Manifest.load(out_dir)
 
 
 METHODS = {
-    Precision.INT8: "onnxruntime static Q/DQ (U8U8, per-channel asymmetric weights, MinMax) on "
-                         "MatMul/Gemm/Conv; LM head weight-only 8-bit (MatMulNBits); QMoE 8-bit block-wise experts; "
-                         "GatherBlockQuantized 8-bit embeddings; routers/norms float",
-    Precision.INT4: "weight-only: MatMulNBits 4-bit (block 32, asymmetric, accuracy_level 4); LM head 8-bit; "
-                         "QMoE 4-bit (block 32, accuracy_level 4) experts; GatherBlockQuantized 4-bit embeddings; "
-                         "routers/norms float",
+    Precision.INT8: "weight-only: MatMulNBits 8-bit (block 128, symmetric, accuracy_level 4) incl. the LM head; "
+                         "QMoE 8-bit block-wise experts; GatherBlockQuantized 8-bit embeddings; routers/norms float",
+    Precision.INT4: "weight-only: MatMulNBits 4-bit (block 128, symmetric, accuracy_level 4); LM head "
+                         "MatMulNBits 8-bit (block 128, accuracy_level 4); QMoE 4-bit (block 64, accuracy_level 4) "
+                         "experts; GatherBlockQuantized 4-bit embeddings; routers/norms float",
 }
 
 

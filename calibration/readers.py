@@ -1,6 +1,5 @@
 """Calibration tensors in the form each quantiser takes, for each exported part.
 
-  onnxruntime quantize_static   a CalibrationDataReader yielding one feed dict per sample (any lengths)
   ModelOpt quantize             one dict of arrays stacked along the batch axis (same length per input):
                                 sequences are cut to the shortest, a prefix of a conversation being a
                                 valid prefill of its own
@@ -64,26 +63,3 @@ def _cut(name: str, array: np.ndarray, length: int) -> np.ndarray:
     if name in ("inputs_embeds", "input_ids", "attention_mask", "position_ids"):
         return array[:, :length]
     return array
-
-
-def calibration_reader(feeds: list[dict[str, np.ndarray]]):
-    """An onnxruntime CalibrationDataReader over `feeds` (rewindable, so several calibrators can share it)."""
-    from onnxruntime.quantization import CalibrationDataReader
-
-    class FeedReader(CalibrationDataReader):
-        def __init__(self):
-            self.feeds, self.position = feeds, 0
-
-        def get_next(self):
-            if self.position >= len(self.feeds):
-                return None
-            self.position += 1
-            return self.feeds[self.position - 1]
-
-        def rewind(self) -> None:
-            self.position = 0
-
-        def __len__(self) -> int:
-            return len(self.feeds)
-
-    return FeedReader()

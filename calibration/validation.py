@@ -7,11 +7,11 @@
   The POPE drop and greedy agreement are gated only when the reference can do POPE at all (F1 >=
   POPE_ABILITY): a random tiny model answers neither yes nor no and its near-tied logits flip under any
   rounding, so there they are reported, not judged (logit cosine is gated always);
-- divergences: for each validation answer where the export's greedy tokens part from PyTorch's, the step
-  and PyTorch's logit margin between its token and the export's there. The greedy gate counts a sample
-  as agreeing when it parts only at a near-tie (margin < NEAR_TIE_LOGITS): the demo model is unsure of
-  colours, and any rounding flips tokens whose logits differ by 0.01. The plain greedy_agreement is
-  reported against the issue's target unchanged.
+- divergences: for each validation answer where the export's greedy tokens part from PyTorch's, the step,
+  both tokens and PyTorch's logit margin between them there; greedy_agreement_beyond_ties says how many
+  answers part only at a near-tie (margin < NEAR_TIE_LOGITS). Reported beside the plain figure, never
+  folded into the gate: the gate judges the plain greedy_agreement (QUALITY) and names the divergence
+  with the largest margin when it fails.
 The export fails, with the figures in the message, when a tolerance or a QUALITY gate is exceeded.
 """
 from __future__ import annotations
@@ -47,12 +47,15 @@ class QualityGate:
     min_greedy_agreement: float  # only when the reference can do POPE
 
 
-# int4 greedy is not gated: 4-bit weights flip the model's near-tied tokens (demo: 0.66 at logit cosine 0.9998);
-# what int4 promises is the POPE drop (target 3 points)
-QUALITY = {"int8": QualityGate(0.99, 2.0, 0.9), "int4": QualityGate(0.9, 5.0, 0.0)}
+# Plain greedy agreement thresholds (no near-tie folding). On the demo model one flipped near-tie (PyTorch's
+# top-2 logits 0.01-0.03 apart: colour words) costs 0.05-0.08 of agreement, and 8-bit weights alone flip two
+# of them (benchmarks/quant_sensitivity.py): the gates sit about two such flips under the measured figures
+# (int8 0.865, int4 0.866), so thread-count-dependent rounding cannot fail a good export, while a broken
+# one (static per-tensor int8: 0.754; int4 with a 4-bit LM head: 0.57) fails.
+QUALITY = {"int8": QualityGate(0.99, 2.0, 0.8), "int4": QualityGate(0.9, 2.0, 0.7)}
 # the issue's targets (README table); reported, the gates above are what fails an export
-TARGETS = {"int8": {"greedy_agreement": 0.95, "pope_f1_drop": 1.0, "size_ratio": 0.6},
-           "int4": {"pope_f1_drop": 3.0, "size_ratio": 0.35}}
+TARGETS = {"int8": {"greedy_agreement": 0.95, "router_agreement": 0.99, "pope_f1_drop": 1.0},
+           "int4": {"greedy_agreement": 0.85, "pope_f1_drop": 1.0}}
 
 
 def validate_quantized(loaded: LoadedModel, directory: Path, max_new_tokens: int = 16,
@@ -96,12 +99,20 @@ def quality_failures(report: dict) -> list[str]:
     pope = report["pope"]
     if pope["gated"] and pope["f1_drop_points"] > gate.max_pope_f1_drop:
         failures.append(f"POPE F1 drop {pope['f1_drop_points']:.2f} points > {gate.max_pope_f1_drop}")
-    beyond_ties = report["greedy_agreement_beyond_ties"]
-    if pope["gated"] and report["greedy_agreement"] < gate.min_greedy_agreement and \
-            beyond_ties < gate.min_greedy_agreement:
-        failures.append(f"greedy agreement {report['greedy_agreement']:.3f} < {gate.min_greedy_agreement} "
-                        f"({beyond_ties:.3f} of the answers agree up to near-ties)")
+    if pope["gated"] and report["greedy_agreement"] < gate.min_greedy_agreement:
+        failures.append(f"greedy agreement {report['greedy_agreement']:.3f} < {gate.min_greedy_agreement}"
+                        + worst_divergence(report["divergences"]))
     return failures
+
+
+def worst_divergence(divergences: list[dict]) -> str:
+    """'; worst divergence: sample 3 step 5, PyTorch token 17 vs 42 by a logit margin of 1.200 (...)' or ''."""
+    if not divergences:
+        return ""
+    d = max(divergences, key=lambda d: d["reference_margin"])
+    return (f"; worst divergence: sample {d['sample']} step {d['step']}, PyTorch token {d['reference_token']} vs "
+            f"{d['runtime_token']} by a logit margin of {d['reference_margin']:.3f} "
+            f"({len(divergences)} answers diverge)")
 
 
 # ---- POPE ---------------------------------------------------------------------------------------

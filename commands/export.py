@@ -19,12 +19,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "KV cache written in place (onnxruntime only); unfused = standard ONNX ops; "
                         "auto = fused with --moe-impl ort, unfused otherwise (TensorRT fuses standard ops itself)")
     p.add_argument("--precision", choices=["fp32", "fp16", "int8", "int4", "fp8"], default="fp32",
-                   help="int8/int4/fp8 quantise with calibration data (routers and norms stay in float)")
+                   help="int8/int4: weight-only quantisation on onnxruntime's fast CPU kernels (no calibration "
+                        "data; routers and norms stay float); fp8 and --target tensorrt int8 calibrate Q/DQ")
     p.add_argument("--vision-tower", help="local CLIP/SigLIP directory overriding the config's mm_image_tower")
     p.add_argument("--no-validate", action="store_true", help="skip the comparison against PyTorch")
     p.add_argument("--out", help="output directory (written atomically; required unless --memory-plan)")
     q = p.add_argument_group("quantisation")
-    q.add_argument("--calib-data", help="LLaVA-JSON file or image folder for calibration (default: synthetic set)")
+    q.add_argument("--calib-data", help="--target tensorrt: LLaVA-JSON file or image folder for calibration "
+                   "(default: synthetic set)")
     q.add_argument("--calib-min-tokens", type=int, default=32,
                    help="add calibration samples until every expert of every MoE layer saw this many tokens")
     t = p.add_argument_group("tensorrt")
@@ -71,8 +73,10 @@ def main(args: argparse.Namespace) -> int:
         raise UserError("--model is required (a checkpoint directory or 'demo')")
     if args.precision in ("int8", "int4", "fp8"):
         from calibration.quantize import export_quantized
+        if args.calib_data:
+            raise UserError("--calib-data is read by --target tensorrt only: onnx int8/int4 exports are weight-only "
+                            "and need no calibration data (drop --calib-data)")
         out = export_quantized(args.model, args.out, args.moe_impl, args.precision, args.vision_tower,
-                               calib_data=args.calib_data, calib_min_tokens=args.calib_min_tokens,
                                validate=not args.no_validate, attention=args.attention)
     else:
         from export.onnx_export import export_onnx

@@ -202,6 +202,7 @@ def logit_cosine(loaded: LoadedModel, directory: Path, images, answers: list[dic
             step = first_divergence(tokens, answer["runtime"])
             if step is not None:
                 row = want[step]
-                divergences.append({"sample": k, "step": step, "reference_margin":
-                                    float(row[tokens[step]] - row[answer["runtime"][step]])})
+                ours, theirs = tokens[step], answer["runtime"][step]
+                divergences.append({"sample": k, "step": step, "reference_token": ours, "runtime_token": theirs,
+                                    "reference_margin": float(row[ours] - row[theirs])})
     return {"mean": float(np.mean(values)), "min": float(np.min(values)), "positions": len(values)}, divergences

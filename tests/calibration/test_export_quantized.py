@@ -1,29 +1,31 @@
-"""export_quantized: calibration data errors come before the slow export; a failure leaves nothing behind."""
+"""export_quantized: bad input fails cleanly; a failure leaves nothing behind."""
 import pytest
 
 from calibration import quantize
 from runtime.errors import UserError
 
 
-def test_bad_calib_data_fails_before_exporting(tiny_loaded, tmp_path, monkeypatch):
-    monkeypatch.setattr("export.onnx_export.write_export", lambda *a, **k: pytest.fail("exported anyway"))
+def test_bad_calib_data_is_named(tiny_loaded, tmp_path):
+    """--calib-data (read by --target tensorrt's ModelOpt calibration) fails with one clear error."""
+    from calibration.data import load_samples
     with pytest.raises(UserError, match="does not exist"):
-        quantize.export_quantized(tiny_loaded.directory, tmp_path / "out", "ort", "int8",
-                                  calib_data=tmp_path / "missing.json")
+        load_samples(tmp_path / "missing.json", tiny_loaded.template)
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(UserError, match="holds no images"):
-        quantize.export_quantized(tiny_loaded.directory, tmp_path / "out", "ort", "int8", calib_data=empty)
+        load_samples(empty, tiny_loaded.template)
+
+
+def test_calib_data_is_refused_for_weight_only_exports(tiny_loaded, tmp_path, capsys):
+    import cli
+    from cli_helpers import run_cli
+    code, _, err = run_cli(cli.export_main, ["--model", str(tiny_loaded.directory), "--precision", "int4",
+                                             "--calib-data", str(tmp_path), "--out", str(tmp_path / "out")], capsys)
+    assert code == 2 and "need no calibration data" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
 
 
 def test_failed_quantisation_leaves_no_directory(tiny_loaded, tmp_path, monkeypatch):
-    from moe_llava.data import draw_scene, sample_scene
-    import numpy as np
-    images = tmp_path / "images"
-    images.mkdir()
-    for i in range(3):
-        draw_scene(sample_scene(np.random.default_rng(i))).save(images / f"{i}.png")
-
     def fake_export(loaded, directory, impl, precision, attention=None):
         (directory / "decoder.onnx").write_bytes(b"half")
 
@@ -33,8 +35,7 @@ def test_failed_quantisation_leaves_no_directory(tiny_loaded, tmp_path, monkeypa
     monkeypatch.setattr(quantize, "quantize_export", broken)
     out = tmp_path / "exports" / "int8"
     with pytest.raises(UserError, match="quantiser broke"):
-        quantize.export_quantized(tiny_loaded.directory, out, "portable", "int8", calib_data=images,
-                                  calib=quantize.CalibConfig(min_tokens=1, min_samples=1, max_samples=3))
+        quantize.export_quantized(tiny_loaded.directory, out, "portable", "int8")
     assert not out.exists() and list(out.parent.iterdir()) == []
 
 

@@ -48,6 +48,6 @@ def test_qwen_engine_dir_matches_pytorch(impl, qwen_checkpoint, tmp_path, capsys
     # seq_length is 256: a longer prompt is a one-line error on both paths, never numbers Qwen-1 would not give
     long = ["--prompt", "What is in the image? " * 60]
     code, _, err = run_cli(cli.run_main, ["--model", str(qwen_checkpoint)] + long, capsys)
-    assert code == 2 and "seq_length 256" in err
+    assert code == 2 and "context holds 256" in err
     code, _, err = run_cli(cli.run_main, ["--engine-dir", str(out)] + long, capsys)
     assert code == 2 and "256" in err

@@ -1,0 +1,124 @@
+"""Weight-only quantisation of one exported part for onnxruntime's CPU kernels (int8 and int4 exports).
+
+    MatMul / Gemm with an initializer weight  -> com.microsoft.MatMulNBits (block-wise along K, symmetric)
+    com.microsoft.MoE experts                 -> com.microsoft.QMoE (qmoe.py)
+    Gather on an embedding table              -> com.microsoft.GatherBlockQuantized (embedding.py)
+    routers, norms, attention scores, the vision patch Conv: float
+
+No calibration data: weights are rounded to nearest, activations stay float between ops. accuracy_level 4
+lets MatMulNBits / QMoE quantise their input row to int8 per block on the fly (dynamic, not calibrated) and
+run an int8 dot product: onnxruntime 1.32's only fast CPU path for 8-bit weights. Measured on the 2-core
+development VM, one MatMul at M=1, 1 thread, ms (benchmarks/quant_kernels.py; a shared machine):
+
+    K x N        fp32   8b/32 acc0  8b/128 acc0  8b/32 acc4  8b/128 acc4  4b/32 acc0  4b/32 acc4  4b/128 acc4
+    512 x 8192   0.99   103         64           0.25        0.18         0.45        0.12        0.09
+    2048 x 8192  32.6*  797         491          1.54        0.73         3.95        0.58        0.45
+    (* a loaded machine; 3.8 ms idle.) accuracy_level 0 with 8 bits dequantises per call: the slow path.
+
+Which node gets which setting is decided by the weight's role, found from the graph (graph.py: routers by
+what consumes their output, the LM head by reaching a graph output), never by node position or name, so the
+plan holds on whatever graph the exporter writes. A role set to None stays float; `layers` limits dense and
+expert quantisation to some decoder layers (decoder_layers in graph.py; benchmarks/quant_sensitivity.py).
+
+The LM head is 8 bit in both precisions: in 4 bit it alone cut the demo model's greedy agreement to 0.469,
+and 8 bit at accuracy_level 4 is 5x faster than the fp32 head (0.18 vs 0.99 ms above). At the released vocab
+(100352 x 2048) it is 205 MB per token instead of 103 MB in 4 bit: PLANS["int4"].head is the knob.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+
+from .embedding import quantize_embeddings
+from .graph import decoder_layers, fold_constant_weights, gemm_to_matmul, output_heads, router_nodes, weight_nodes
+from .part_io import PartReport, load, quiet_quantizer, save
+from .qmoe import moe_nodes, quantize_moe_experts
+
+
+@dataclass(frozen=True)
+class NBits:
+    """One MatMulNBits setting: bits per weight, block length along K, onnxruntime accuracy_level."""
+    bits: int
+    block_size: int
+    accuracy_level: int = 4   # int8 activations in the kernel; 0 = float (slow for 8 bit)
+
+
+@dataclass(frozen=True)
+class WeightOnlyPlan:
+    dense: NBits | None              # every weight MatMul/Gemm but routers and the LM head
+    head: NBits | None               # the LM head
+    expert_bits: int | None          # QMoE, accuracy_level 4
+    embedding_bits: int | None       # GatherBlockQuantized
+    expert_block: int | str = "auto"   # QMoE block along K; "auto": blockwise.block_for
+    layers: frozenset[int] | None = None   # decoder layers whose dense / expert weights are quantised; None: all
+
+
+EIGHT_BIT = NBits(8, 128)
+PLANS = {
+    "int8": WeightOnlyPlan(dense=EIGHT_BIT, head=EIGHT_BIT, expert_bits=8, embedding_bits=8),
+    # int4: block 128 and an 8-bit LM head. Demo model, greedy agreement (plain) / logit cosine / size:
+    # 4/32 + head 4/32: 0.570 / 0.99972 / 2.25 MB; 4/32 + head 8: 0.598 / 0.99994 / 2.28 MB;
+    # 4/128 + head 8: 0.866 / 0.99993 / 2.24 MB (README, Quantised exports). The head alone in 4 bit: 0.469.
+    # Experts: QMoE 4 bit block 64 (0.866; block 32: 0.866 and 3 % slower prefill on `small`; block 128:
+    # 0.748, 13 % faster prefill).
+    "int4": WeightOnlyPlan(dense=NBits(4, 128), head=EIGHT_BIT, expert_bits=4, embedding_bits=4, expert_block=64),
+}
+
+
+def quantize_weight_only(src: Path, dst: Path, plan: WeightOnlyPlan) -> PartReport:
+    """Quantise the part `src` by `plan` into `dst`; routers stay float."""
+    model = load(src)
+    fold_constant_weights(model)
+    routers = {n.name for n in router_nodes(model)}
+    groups = assign(model, plan)
+    report = PartReport(quantized_nodes=sum(map(len, groups.values())), float_nodes=sorted(routers))
+    for spec, names in groups.items():
+        model = matmul_nbits(model, names, spec)
+    report.moe_nodes, report.moe_float = quantize_experts(model, plan)
+    if plan.embedding_bits:
+        report.embeddings = quantize_embeddings(model, bits=plan.embedding_bits)
+    save(model, dst)
+    return report
+
+
+def assign(model: onnx.ModelProto, plan: WeightOnlyPlan) -> dict[NBits, set[str]]:
+    """{setting: node names} for every weight MatMul/Gemm (routers are never weight_nodes)."""
+    heads = {n.name for n in output_heads(model)}
+    in_scope = _layer_filter(model, plan)
+    groups: dict[NBits, set[str]] = {}
+    for node in weight_nodes(model, ("MatMul", "Gemm")):
+        spec = plan.head if node.name in heads else plan.dense if in_scope(node) else None
+        if spec is not None:
+            groups.setdefault(spec, set()).add(node.name)
+    return groups
+
+
+def _layer_filter(model: onnx.ModelProto, plan: WeightOnlyPlan):
+    if plan.layers is None:
+        return lambda node: True
+    layer = decoder_layers(model)
+    return lambda node: layer.get(node.name) in plan.layers
+
+
+def matmul_nbits(model: onnx.ModelProto, names: set[str], spec: NBits) -> onnx.ModelProto:
+    """MatMulNBits for the nodes `names` (their Gemms rewritten to MatMul first)."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    gemm_to_matmul(model, skip={n.name for n in model.graph.node if n.name not in names})
+    with quiet_quantizer():
+        quantizer = MatMulNBitsQuantizer(model, bits=spec.bits, block_size=spec.block_size, is_symmetric=True,
+                                         accuracy_level=spec.accuracy_level or None, nodes_to_include=sorted(names),
+                                         op_types_to_quantize=("MatMul",))
+        quantizer.process()
+    return quantizer.model.model
+
+
+def quantize_experts(model: onnx.ModelProto, plan: WeightOnlyPlan) -> tuple[int, int]:
+    """(QMoE nodes, MoE nodes left float)."""
+    in_scope = _layer_filter(model, plan)
+    nodes = moe_nodes(model)
+    chosen = {n.input[2] for n in nodes if in_scope(n)}
+    done = quantize_moe_experts(model, plan.expert_bits, plan.expert_block, accuracy_level=4, fc1_names=chosen) \
+        if plan.expert_bits and chosen else 0
+    return done, len(nodes) - done

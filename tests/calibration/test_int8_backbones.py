@@ -1,0 +1,42 @@
+"""Weight-only int8 on a tiny checkpoint of each backbone (StableLM, Phi-2, Qwen-1), no calibration data.
+
+Random tiny models have near-flat logits: PyTorch's own top-2 logits are 0.004-0.024 apart where the int8
+answers part from it, so issue 15's plain greedy target (>= 0.95) is not reachable on them by any 8-bit
+rounding (measured 0.73 / 0.38 / 0.88; 0.69 / 0.38 / 1.0 even with float activations in the kernels - see
+README, Quantised exports). What is asserted: the logits stay close (cosine), and int8 never flips a token
+PyTorch is confident about (every divergence at a margin under CONFIDENT_LOGITS).
+"""
+import pytest
+
+from calibration.quantize import quantize_export
+from calibration.validation import logit_cosine
+from export.validate import greedy_agreement, sample_images
+from tiny import write_tiny_checkpoint
+
+pytestmark = pytest.mark.slow
+MIN_COSINE = 0.999        # measured 0.99955 (Qwen-1) - 0.99977 (Phi-2)
+CONFIDENT_LOGITS = 0.1    # 4x the largest margin a flip was measured at
+
+
+def tiny_fp32_export(family: str, directory):
+    """(loaded tiny checkpoint, its fp32 `ort` export dir), 2 layers."""
+    from export.moe_lowering import MoEImpl
+    from export.onnx_export import Precision, write_export
+    from moe_llava.loading import load_pretrained
+    write_tiny_checkpoint(directory / "ckpt", family, num_hidden_layers=2)
+    loaded = load_pretrained(directory / "ckpt")
+    (directory / "fp32").mkdir()
+    write_export(loaded, directory / "fp32", MoEImpl.ORT, Precision.FP32)
+    return loaded, directory / "fp32"
+
+
+@pytest.mark.parametrize("family", ["stablelm", "phi", "qwen"])
+def test_int8_keeps_the_logits_and_confident_tokens(family, tmp_path, tiny_loaded, fp32_exports):
+    # StableLM: the calibration tests' shared tiny checkpoint and export (same family, 2 layers)
+    loaded, fp32 = (tiny_loaded, fp32_exports["ort"]) if family == "stablelm" else tiny_fp32_export(family, tmp_path)
+    quantize_export(fp32, tmp_path / "int8", "int8")
+    images = sample_images(loaded, 4)
+    agreement, answers = greedy_agreement(loaded, tmp_path / "int8", images, 12)
+    cosine, divergences = logit_cosine(loaded, tmp_path / "int8", images, answers)
+    assert cosine["positions"] >= 24 and cosine["mean"] >= MIN_COSINE, cosine
+    assert all(d["reference_margin"] < CONFIDENT_LOGITS for d in divergences), (agreement, divergences)
