@@ -13,6 +13,9 @@ ModelOpt Q/DQ for TensorRT, accuracy reports.
   quantize.py     export_quantized (moe-export --precision int8|int4|fp8, onnx target)
   modelopt_qdq.py ModelOpt int8 / fp8 / int4_awq Q/DQ (TensorRT target)
   tensorrt_quantised.py  moe-export --target tensorrt: export.tensorrt_build with the Q/DQ graphs above
+  trt_int4.py     INT4 weight-only TensorRT graphs: plugin INT4 experts, INT4 DequantizeLinear MatMuls;
+                  qmoe_twin (the onnxruntime twin of an INT4 plugin node, for validation)
+  trt_int4_export.py  checkpoint -> fp16 plugin export -> INT4 TensorRT graphs, validated
   validation.py   validation.json figures of a quantised export; pope.py  POPE F1 of a Pipeline
   report.py       precision_table: size, agreement, POPE F1, decode speed per export
 Heavy imports (torch, onnxruntime.quantization, modelopt) happen inside the functions that need them.

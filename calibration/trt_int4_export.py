@@ -45,7 +45,7 @@ def export_int4_for_tensorrt(loaded, out: Path, validate: bool = True, synthetic
 
 def int4_export_dir(fp16_dir: Path, out_dir: Path) -> Manifest:
     """An fp16 plugin export directory -> the INT4 one in `out_dir` (graphs, embed, tokenizer, manifest)."""
-    from .ort_quant import load, save
+    from .part_io import load, save
     source = Manifest.load(fp16_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     reports = {}
