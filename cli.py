@@ -39,6 +39,8 @@ def _run_parser() -> argparse.ArgumentParser:
     p.add_argument("--vision-tower", help="local CLIP/SigLIP directory overriding the config's mm_image_tower")
     p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt"],
                    help="engine library for --engine-dir")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="compute dtype of --model: auto = fp32 on CPU, the checkpoint's dtype on CUDA")
     p.add_argument("--json", action="store_true", help="print one JSON object (text, token_ids, timings) last")
     return p
 
@@ -52,7 +54,7 @@ def _run(args: argparse.Namespace) -> int:
         pipeline = load_pipeline(args.engine_dir, backend=args.backend)
     else:
         from moe_llava.inference import torch_pipeline
-        pipeline = torch_pipeline(args.model, vision_tower=args.vision_tower)
+        pipeline = torch_pipeline(args.model, vision_tower=args.vision_tower, dtype=args.dtype)
     with pipeline:
         return run_to_stdout(pipeline, args.image, args.prompt, args.max_new_tokens, args.temperature,
                              args.top_p, args.seed, args.json)

@@ -23,7 +23,7 @@ from runtime.errors import UserError
 
 # transformers 4.x towers nested everything under `vision_model.`; 5.x modules are flat
 TOWER, PROJECTOR = "model.image_tower.image_tower.vision_model.", "model.mm_projector.image_spatial_proj."
-_EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\.(.+)$")
+EXPERT_KEY = re.compile(r"^model\.layers\.(\d+)\.mlp\.deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\.(.+)$")
 _ROUTER = re.compile(r"^model\.layers\.(\d+)\.mlp\.deepspeed_moe\.gate\.wg\.weight$")
 _OURS_MOE = re.compile(r"^language_model\.model\.layers\.(\d+)\.mlp\.(router\.weight|fc[12]_(?:weight|bias))$")
 
@@ -33,7 +33,7 @@ def official_to_ours(state: dict[str, torch.Tensor], backbone) -> dict[str, torc
     ours: dict[str, torch.Tensor] = {}
     experts: dict[int, dict[int, dict[str, torch.Tensor]]] = {}
     for key, tensor in backbone.to_canonical(state).items():
-        if m := _EXPERT.match(key):
+        if m := EXPERT_KEY.match(key):
             experts.setdefault(int(m[1]), {}).setdefault(int(m[2]), {})[m[3]] = tensor
         elif m := _ROUTER.match(key):
             ours[f"language_model.model.layers.{m[1]}.mlp.router.weight"] = tensor

@@ -18,7 +18,7 @@ class TorchEngine:
 
     @torch.inference_mode()
     def encode_images(self, pixel_values: np.ndarray) -> np.ndarray:
-        return self.model.encode_images(torch.from_numpy(pixel_values)).float().numpy()   # [N,P,H]
+        return self.model.encode_images(torch.from_numpy(pixel_values).to(self.dtype)).float().numpy()  # [N,P,H]
 
     @torch.inference_mode()
     def embed_tokens(self, token_ids: np.ndarray) -> np.ndarray:

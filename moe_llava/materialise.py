@@ -4,7 +4,8 @@ Why: `build -> load_state_dict` holds the random init, the whole file contents a
 the checkpoint at the released size). Here parameters start on the meta device (buffers such as rotary
 frequencies are real), each official tensor is read, renamed / stacked by checkpoint.official_to_ours, cast
 to the compute dtype and put in place, and the file copy is dropped before the next one: peak memory is the
-weights in the compute dtype plus one MoE layer's experts.
+weights in the compute dtype plus the largest single tensor as stored. Experts are copied straight into
+their preallocated [E, ...] stack (no per-expert concatenation, no stacked file-dtype copy).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from tqdm import tqdm
 
 from runtime.errors import UserError
 
-from .checkpoint import check_keys, official_to_ours
+from .checkpoint import EXPERT_KEY, check_keys, official_to_ours
 from .weight_files import WeightFiles
 
 # one MoE layer's per-expert tensors are stacked together, so they are read together (Qwen-1: transformer.h.)
@@ -55,13 +56,46 @@ def materialise(model: nn.Module, files: WeightFiles, dtype: torch.dtype, tower_
     total = sum(files.nbytes(n) for n in files.names)
     with tqdm(total=total, desc="loading weights", unit="B", unit_scale=True, leave=False) as bar:
         for unit in units:
-            state = {n: files.read(n) for n in unit}
-            for key, tensor in official_to_ours(state, model.backbone).items():
-                if not (skip and key.startswith(skip)):
-                    _assign(model, key, tensor, torch.float32 if FP32_KEYS.search(key) else dtype)
+            if len(unit) > 1 or _EXPERT_LAYER.search(unit[0]):
+                _load_experts(model, files, unit, dtype, ours_meta)
+            else:
+                for key, tensor in official_to_ours({unit[0]: files.read(unit[0])}, model.backbone).items():
+                    if not (skip and key.startswith(skip)):
+                        _assign(model, key, tensor, torch.float32 if FP32_KEYS.search(key) else dtype)
             bar.update(sum(files.nbytes(n) for n in unit))
-            del state
     _tie_or_fail(model)
+
+
+def _load_experts(model: nn.Module, files: WeightFiles, unit: list[str], dtype: torch.dtype,
+                  ours_meta: dict[str, torch.Tensor]) -> None:
+    """One MoE layer's per-expert tensors copied into their [E, ...] stacks (shapes checked by check_keys)."""
+    stacks: dict[str, torch.Tensor] = {}
+    for canonical, official in _canonical_names(model.backbone, files, unit).items():
+        m = EXPERT_KEY.match(canonical)                                   # layer, expert, dense name
+        stacked, index = _stack_slot(model.backbone, m[3])
+        key = f"language_model.model.layers.{m[1]}.mlp.{stacked}"
+        if key not in stacks:
+            stacks[key] = torch.empty(ours_meta[key].shape, dtype=dtype)  # [E, parts*rows, ...]
+        tensor = files.read(official)
+        rows = tensor.shape[0]
+        stacks[key][int(m[2]), index * rows:(index + 1) * rows].copy_(tensor)
+    for key, stack in stacks.items():
+        _assign(model, key, stack, dtype)
+
+
+def _canonical_names(backbone, files: WeightFiles, names: list[str]) -> dict[str, str]:
+    """canonical key -> official key (expert keys are renamed, never split, by every family)."""
+    stand_ins = {n: files.meta(n) for n in names}
+    official_of = {id(t): n for n, t in stand_ins.items()}
+    return {k: official_of[id(t)] for k, t in backbone.to_canonical(stand_ins).items()}
+
+
+def _stack_slot(backbone, dense_name: str) -> tuple[str, int]:
+    """(stacked parameter, position among its concatenated parts) of one dense FFN parameter."""
+    for stacked, parts in backbone.ffn_parts.items():
+        if dense_name in parts:
+            return stacked, parts.index(dense_name)
+    raise UserError(f"expert parameter {dense_name!r} has no place in the stacked layout")
 
 
 def _assign(model: nn.Module, key: str, tensor: torch.Tensor, dtype: torch.dtype) -> None:
