@@ -44,7 +44,7 @@ def export_onnx(model: str | Path, out: str | Path, moe_impl: MoEImpl = MoEImpl.
     check_target(out)
     impl = MoEImpl(moe_impl).resolve("onnx")
     precision = Precision(precision)
-    loaded = load_pretrained(model, vision_tower)
+    loaded = load_pretrained(model, vision_tower, dtype=precision.dtype)  # held once, in the export dtype
     with staged_output(out) as staging:
         write_export(loaded, staging, impl, precision)
         if validate:
@@ -54,29 +54,42 @@ def export_onnx(model: str | Path, out: str | Path, moe_impl: MoEImpl = MoEImpl.
 
 
 def write_export(loaded: LoadedModel, directory: Path, impl: MoEImpl, precision: Precision) -> Manifest:
-    """Graphs + tokenizer + manifest into `directory` (no validation)."""
-    reference = loaded.model
-    model = _export_copy(reference, impl, precision)
+    """Graphs + tokenizer + manifest into `directory` (no validation).
+
+    The graphs are traced from `loaded.model` itself (cast to the export dtype in place if it is not in it
+    already), never from a copy: at the released size a second model does not fit next to the first.
+    """
     parts = {}
     steps = [("vision", _export_vision), ("projector", _export_projector), ("embed", _export_embed),
              ("decoder", _export_decoder)]
-    for name, export_part in tqdm(steps, desc="export", unit="graph"):
-        path = directory / f"{name}.onnx"
-        export_part(model, path, precision.dtype)
-        parts[name] = part_spec(path)
+    with _export_view(loaded.model, impl, precision) as model:
+        for name, export_part in tqdm(steps, desc="export", unit="graph"):
+            path = directory / f"{name}.onnx"
+            export_part(model, path, precision.dtype)
+            parts[name] = part_spec(path)
     loaded.tokenizer.save(str(directory / "tokenizer.json"))
     manifest = build_manifest(loaded, directory, parts, impl, precision)
     (directory / "manifest.json").write_text(_json(manifest.to_dict()))
     return manifest
 
 
-def _export_copy(model, impl: MoEImpl, precision: Precision):
-    """A deep copy in the export precision with its MoE layers swapped for the lowering's op."""
-    import copy
-    clone = copy.deepcopy(model).to_dtype(precision.dtype).eval()
-    swap_in_export_moe(clone, impl)
-    clone.export_impl = impl
-    return clone
+@contextlib.contextmanager
+def _export_view(model, impl: MoEImpl, precision: Precision):
+    """`model` with its MoE layers swapped for the lowering's op while the graphs are traced, then restored."""
+    from moe_llava.moe import MoELayer
+    if next(model.language_model.parameters()).dtype != precision.dtype:
+        model.to_dtype(precision.dtype)
+    model.eval()
+    originals = [(parent, name, child) for parent in model.modules()
+                 for name, child in parent.named_children() if isinstance(child, MoELayer)]
+    swap_in_export_moe(model, impl)
+    model.export_impl = impl
+    try:
+        yield model
+    finally:
+        for parent, name, child in originals:
+            setattr(parent, name, child)
+        del model.export_impl
 
 
 # ---- the four graphs ----------------------------------------------------------------------------
