@@ -20,11 +20,13 @@ from moe_llava.loading import LoadedModel, checkpoint_digest, load_pretrained
 from runtime.manifest import DecoderSpec, Manifest, PartSpec, SpecialTokens, TensorSpec
 
 from .output_dir import check_target, staged_output
-from .moe_lowering import MoEImpl, swap_in_export_moe, translation_table
+from .moe_lowering import ExportMoE, MoEImpl, swap_in_export_moe, translation_table
 from .parts import DecoderPart, EmbedPart, ProjectorPart, VisionPart, decoder_io_names, decoder_sample, kv_geometry
 
 OPSET = 18
-EXTERNAL_DATA_BYTES = 1 << 30  # graphs with more weights than this keep them in a .data file
+# Graphs with more weights than this keep them in a .data file. Far below protobuf's 2 GB limit on purpose:
+# an inline graph is serialised (and read back by part_spec) as whole in-memory copies, ~3x its weights.
+EXTERNAL_DATA_BYTES = 64 << 20
 
 
 class Precision(str, Enum):
@@ -87,6 +89,9 @@ def _export_view(model, impl: MoEImpl, precision: Precision):
     try:
         yield model
     finally:
+        for module in model.modules():
+            if isinstance(module, ExportMoE):
+                module.restore()
         for parent, name, child in originals:
             setattr(parent, name, child)
         del model.export_impl
@@ -127,7 +132,18 @@ def _onnx_export(module, args, path: Path, input_names, output_names, dynamic_sh
                                     input_names=input_names, output_names=output_names,
                                     dynamic_shapes=dynamic_shapes, custom_translation_table=translations,
                                     verbose=False, optimize=True)
-    program.save(str(path), external_data=weights > EXTERNAL_DATA_BYTES)
+    _save(program.model, path, weights)
+
+
+def _save(model, path: Path, weights: int) -> None:
+    """The graph, its weights in `<name>.onnx.data` when over EXTERNAL_DATA_BYTES (protobuf stops at 2 GB)."""
+    import onnx_ir as ir
+    if weights <= EXTERNAL_DATA_BYTES:
+        ir.save(model, str(path))
+        return
+    with tqdm(total=weights, desc=f"writing {path.name} weights", unit="B", unit_scale=True, leave=False) as bar:
+        ir.save(model, str(path), external_data=f"{path.name}.data",
+                callback=lambda tensor, _info: bar.update(tensor.nbytes))
 
 
 @contextlib.contextmanager
