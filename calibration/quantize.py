@@ -74,11 +74,22 @@ def export_quantized(model: str | Path, out: str | Path, moe_impl="auto", precis
         calibration = select_by_coverage(loaded, samples, config) if p.needs_calibration else None
         if calibration is not None:
             report_coverage(calibration)
+        else:  # weight-only: PyTorch sits idle while quantising, and at the released size it is 12.8 GB
+            loaded = _without_weights(loaded)
         quantize_export(Path(fp32_dir), staging, p, calibration)
         if validate:
+            loaded = loaded if loaded.model is not None else load_pretrained(model, vision_tower)
             from .validation import validate_quantized
             validate_quantized(loaded, staging, synthetic=synthetic, pope_per_split=pope_per_split)
     return out
+
+
+def _without_weights(loaded):
+    import dataclasses
+    import gc
+    loaded = dataclasses.replace(loaded, model=None)
+    gc.collect()
+    return loaded
 
 
 def calibration_set(loaded, calib_data: str | Path | None = None, min_tokens: int = 32,

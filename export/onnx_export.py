@@ -133,6 +133,7 @@ def _onnx_export(module, args, path: Path, input_names, output_names, dynamic_sh
                                     dynamic_shapes=dynamic_shapes, custom_translation_table=translations,
                                     verbose=False, optimize=True)
     _save(program.model, path, weights)
+    _release()
 
 
 def _save(model, path: Path, weights: int) -> None:
@@ -144,6 +145,20 @@ def _save(model, path: Path, weights: int) -> None:
     with tqdm(total=weights, desc=f"writing {path.name} weights", unit="B", unit_scale=True, leave=False) as bar:
         ir.save(model, str(path), external_data=f"{path.name}.data",
                 callback=lambda tensor, _info: bar.update(tensor.nbytes))
+
+
+def _release() -> None:
+    """onnxscript's default rewrite rules are module-level objects whose matchers keep the last graph they
+    matched (SimplePatternMatcher._graph / _current_node / _match), and through its constants the traced model's
+    tensors: the weights would outlive the model (12.8 GB at the released size in fp32). Forget it."""
+    from onnxscript import rewriter
+    for rule in getattr(rewriter, "_DEFAULT_REWRITE_RULES", ()):
+        matcher = getattr(rule, "_matcher", None)
+        for attribute in ("_graph", "_current_node", "_tracer"):
+            if hasattr(matcher, attribute):
+                setattr(matcher, attribute, None)
+        if hasattr(matcher, "_match"):  # the last match's bound nodes and values
+            matcher._match = type(matcher._match)()
 
 
 @contextlib.contextmanager
