@@ -67,11 +67,21 @@ def export_quantized(model: str | Path, out: str | Path, moe_impl="auto", precis
     with staged_output(out) as staging, tempfile.TemporaryDirectory(prefix=f".{out.name}.fp32.",
                                                                      dir=out.parent) as fp32_dir:
         write_export(loaded, Path(fp32_dir), impl, Precision.FP32, attention)
+        loaded = _without_weights(loaded)  # weight-only: PyTorch sits idle while quantising (12.8 GB at size)
         quantize_export(Path(fp32_dir), staging, p)
         if validate:
+            loaded = loaded if loaded.model is not None else load_pretrained(model, vision_tower)
             from .validation import validate_quantized
             validate_quantized(loaded, staging, synthetic=synthetic, pope_per_split=pope_per_split)
     return out
+
+
+def _without_weights(loaded):
+    import dataclasses
+    import gc
+    loaded = dataclasses.replace(loaded, model=None)
+    gc.collect()
+    return loaded
 
 
 def calibration_set(loaded, calib_data: str | Path | None = None, min_tokens: int = 32,

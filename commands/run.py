@@ -19,6 +19,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="auto (default): CUDA when the engine library can use a GPU here (onnxruntime-gpu, a CUDA "
                         "build of torch; TensorRT always), else the CPU; stderr says which runs")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="compute dtype of --model: auto = fp32 on CPU, the checkpoint's dtype on CUDA")
     p.add_argument("--json", action="store_true", help="print one JSON object (text, token_ids, timings) last")
     return p
 
@@ -59,7 +61,8 @@ def main(args: argparse.Namespace) -> int:
         from moe_llava.inference import torch_pipeline
         from moe_llava.torch_device import choose_torch
         choice = choose_torch(Device(args.device))
-        pipeline = torch_pipeline(args.model, vision_tower=args.vision_tower, device=choice.device.value)
+        pipeline = torch_pipeline(args.model, vision_tower=args.vision_tower, device=choice.device.value,
+                                  dtype=args.dtype)
         choice.announce("moe-run")
     with pipeline:
         return run_to_stdout(pipeline, args.image, args.prompt, settings, args.json)

@@ -81,11 +81,12 @@ def part_errors(loaded: LoadedModel, directory: Path, pixels: np.ndarray, tol: T
     manifest = Manifest.load(directory)
     model = loaded.model
     dtype = manifest.parts["vision"].input("pixel_values").np_dtype
+    ref = next(model.parameters()).dtype  # the reference runs in the dtype it was loaded in (fp16 exports: fp16)
     with torch.inference_mode():
-        features = model.vision_tower(torch.from_numpy(pixels)).float().numpy()
-        embeds = model.projector(torch.from_numpy(features)).numpy()
+        features = model.vision_tower(torch.from_numpy(pixels).to(ref)).float().numpy()
+        embeds = model.projector(torch.from_numpy(features).to(ref)).float().numpy()
         ids = np.arange(1, 9, dtype=np.int64)[None] % model.config.vocab_size
-        token_embeds = model.embed_tokens(torch.from_numpy(ids)).numpy()
+        token_embeds = model.embed_tokens(torch.from_numpy(ids)).float().numpy()
     got = {"vision": _session(manifest.path("vision")).run(None, {"pixel_values": pixels.astype(dtype)})[0],
            "projector": _session(manifest.path("projector")).run(None, {"image_features": features.astype(dtype)})[0],
            "embed": _session(manifest.path("embed")).run(None, {"input_ids": ids})[0]}

@@ -85,8 +85,18 @@ class ExportMoE(nn.Module):
                              persistent=False)
         self.register_buffer("fc2_bias", moe.fc2_bias.detach() if moe.fc2_bias is not None else zeros(e, h),
                              persistent=False)
-        if self.interleaved:
-            self.fc1, self.fc1_bias = interleave_rows(self.fc1), interleave_rows(self.fc1_bias)
+        self.__dict__["source"] = moe  # not a submodule: its parameters must not enter the graph twice
+        if self.interleaved:  # in place (one layer's temporary at a time), undone by `restore`: copies of
+            with torch.no_grad():  # every layer's fc1 would add 4.4 GB at the released size in fp32
+                moe.fc1_weight.copy_(interleave_rows(moe.fc1_weight))
+            self.fc1_bias = interleave_rows(self.fc1_bias)
+
+    def restore(self) -> None:
+        """Give the MoELayer back its [gate; up] row order (once; this stand-in is done with after)."""
+        if self.interleaved and not self.__dict__.get("restored"):
+            with torch.no_grad():
+                self.source.fc1_weight.copy_(deinterleave_rows(self.source.fc1_weight))
+            self.__dict__["restored"] = True
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape

@@ -22,12 +22,14 @@ from runtime.manifest import DecoderSpec, Manifest, PartSpec, SpecialTokens, Ten
 from .output_dir import check_target, staged_output
 from . import attention_lowering
 from .attention_lowering import AttentionImpl, swap_in_export_attention
-from .moe_lowering import MoEImpl, drop_scatter_reduction, swap_in_export_moe, translation_table
+from .moe_lowering import ExportMoE, MoEImpl, drop_scatter_reduction, swap_in_export_moe, translation_table
 from .precision import Precision
 from .parts import DecoderPart, EmbedPart, ProjectorPart, VisionPart, decoder_io_names, decoder_sample, kv_geometry
 
 OPSET = 18
-EXTERNAL_DATA_BYTES = 1 << 30  # graphs with more weights than this keep them in a .data file
+# Graphs with more weights than this keep them in a .data file. Far below protobuf's 2 GB limit on purpose:
+# an inline graph is serialised (and read back by part_spec) as whole in-memory copies, ~3x its weights.
+EXTERNAL_DATA_BYTES = 64 << 20
 
 
 def export_onnx(model: str | Path, out: str | Path, moe_impl: MoEImpl = MoEImpl.AUTO,
@@ -42,7 +44,7 @@ def export_onnx(model: str | Path, out: str | Path, moe_impl: MoEImpl = MoEImpl.
     if precision.quantised:
         raise UserError(f"--precision {precision.value} is quantised by calibration.quantize.export_quantized "
                         "(moe-export does that); export_onnx writes fp32 or fp16")
-    loaded = load_pretrained(model, vision_tower)
+    loaded = load_pretrained(model, vision_tower, dtype=precision.dtype)  # held once, in the export dtype
     with staged_output(out) as staging:
         write_export(loaded, staging, impl, precision, attention)
         if validate:
@@ -53,32 +55,51 @@ def export_onnx(model: str | Path, out: str | Path, moe_impl: MoEImpl = MoEImpl.
 
 def write_export(loaded: LoadedModel, directory: Path, impl: MoEImpl, precision: Precision,
                  attention: AttentionImpl = AttentionImpl.AUTO) -> Manifest:
-    """Graphs + tokenizer + manifest into `directory` (no validation)."""
-    reference = loaded.model
+    """Graphs + tokenizer + manifest into `directory` (no validation).
+
+    The graphs are traced from `loaded.model` itself (cast to the export dtype in place if it is not in it
+    already), never from a copy: at the released size a second model does not fit next to the first.
+    """
     attention = AttentionImpl(attention).resolve(impl.value)
-    model = _export_copy(reference, impl, precision, attention)
     parts = {}
     steps = [("vision", _export_vision), ("projector", _export_projector), ("embed", _export_embed),
              ("decoder", _export_decoder)]
-    for name, export_part in tqdm(steps, desc="export", unit="graph"):
-        path = directory / f"{name}.onnx"
-        export_part(model, path, precision.dtype)
-        parts[name] = part_spec(path)
+    with _export_view(loaded.model, impl, precision, attention) as model:
+        for name, export_part in tqdm(steps, desc="export", unit="graph"):
+            path = directory / f"{name}.onnx"
+            export_part(model, path, precision.dtype)
+            parts[name] = part_spec(path)
     loaded.tokenizer.save(str(directory / "tokenizer.json"))
     manifest = build_manifest(loaded, directory, parts, impl, precision, attention)
     (directory / "manifest.json").write_text(_json(manifest.to_dict()))
     return manifest
 
 
-def _export_copy(model, impl: MoEImpl, precision: Precision, attention: AttentionImpl):
-    """A deep copy in the export precision with its MoE (and, fused, attention) layers swapped for the lowering's op."""
-    import copy
-    clone = copy.deepcopy(model).to_dtype(precision.dtype).eval()
-    swap_in_export_moe(clone, impl)
-    if attention is AttentionImpl.FUSED:
-        clone.kv_slots = swap_in_export_attention(clone.language_model)
-    clone.export_impl = impl
-    return clone
+@contextlib.contextmanager
+def _export_view(model, impl: MoEImpl, precision: Precision, attention: AttentionImpl):
+    """`model` with its MoE layers (and, for fused attention, its attention modules) swapped for the lowerings'
+    ops while the graphs are traced, then restored."""
+    from moe_llava.moe import MoELayer
+    if next(model.language_model.parameters()).dtype != precision.dtype:
+        model.to_dtype(precision.dtype)
+    model.eval()
+    originals = [(parent, name, child) for parent in model.modules()
+                 for name, child in parent.named_children() if isinstance(child, MoELayer)]
+    attentions = [(layer, layer.self_attn) for layer in model.layers] if attention is AttentionImpl.FUSED else []
+    swap_in_export_moe(model, impl)
+    model.export_impl = impl
+    model.kv_slots = swap_in_export_attention(model.language_model) if attentions else None
+    try:
+        yield model
+    finally:
+        for module in model.modules():
+            if isinstance(module, ExportMoE):
+                module.restore()
+        for parent, name, child in originals:
+            setattr(parent, name, child)
+        for layer, attn in attentions:
+            layer.self_attn = attn
+        del model.export_impl, model.kv_slots
 
 
 # ---- the four graphs ----------------------------------------------------------------------------
@@ -119,7 +140,33 @@ def _onnx_export(module, args, path: Path, input_names, output_names, dynamic_sh
                                     dynamic_shapes=dynamic_shapes, custom_translation_table=translations,
                                     verbose=False, optimize=True)
     drop_scatter_reduction(program.model)  # portable MoE: TensorRT's parser refuses even reduction="none"
-    program.save(str(path), external_data=weights > EXTERNAL_DATA_BYTES)
+    _save(program.model, path, weights)
+    _release()
+
+
+def _save(model, path: Path, weights: int) -> None:
+    """The graph, its weights in `<name>.onnx.data` when over EXTERNAL_DATA_BYTES (protobuf stops at 2 GB)."""
+    import onnx_ir as ir
+    if weights <= EXTERNAL_DATA_BYTES:
+        ir.save(model, str(path))
+        return
+    with tqdm(total=weights, desc=f"writing {path.name} weights", unit="B", unit_scale=True, leave=False) as bar:
+        ir.save(model, str(path), external_data=f"{path.name}.data",
+                callback=lambda tensor, _info: bar.update(tensor.nbytes))
+
+
+def _release() -> None:
+    """onnxscript's default rewrite rules are module-level objects whose matchers keep the last graph they
+    matched (SimplePatternMatcher._graph / _current_node / _match), and through its constants the traced model's
+    tensors: the weights would outlive the model (12.8 GB at the released size in fp32). Forget it."""
+    from onnxscript import rewriter
+    for rule in getattr(rewriter, "_DEFAULT_REWRITE_RULES", ()):
+        matcher = getattr(rule, "_matcher", None)
+        for attribute in ("_graph", "_current_node", "_tracer"):
+            if hasattr(matcher, attribute):
+                setattr(matcher, attribute, None)
+        if hasattr(matcher, "_match"):  # the last match's bound nodes and values
+            matcher._match = type(matcher._match)()
 
 
 @contextlib.contextmanager

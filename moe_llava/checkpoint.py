@@ -23,7 +23,7 @@ from runtime.errors import UserError
 
 # transformers 4.x towers nested everything under `vision_model.`; 5.x modules are flat
 TOWER, PROJECTOR = "model.image_tower.image_tower.vision_model.", "model.mm_projector.image_spatial_proj."
-_EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\.(.+)$")
+EXPERT_KEY = re.compile(r"^model\.layers\.(\d+)\.mlp\.deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\.(.+)$")
 _ROUTER = re.compile(r"^model\.layers\.(\d+)\.mlp\.deepspeed_moe\.gate\.wg\.weight$")
 _OURS_MOE = re.compile(r"^language_model\.model\.layers\.(\d+)\.mlp\.(router\.weight|fc[12]_(?:weight|bias))$")
 
@@ -33,7 +33,7 @@ def official_to_ours(state: dict[str, torch.Tensor], backbone) -> dict[str, torc
     ours: dict[str, torch.Tensor] = {}
     experts: dict[int, dict[int, dict[str, torch.Tensor]]] = {}
     for key, tensor in backbone.to_canonical(state).items():
-        if m := _EXPERT.match(key):
+        if m := EXPERT_KEY.match(key):
             experts.setdefault(int(m[1]), {}).setdefault(int(m[2]), {})[m[3]] = tensor
         elif m := _ROUTER.match(key):
             ours[f"language_model.model.layers.{m[1]}.mlp.router.weight"] = tensor
@@ -77,6 +77,12 @@ def load_official_state(model, state: dict[str, torch.Tensor], tower_from_checkp
     ours = official_to_ours(state, model.backbone)
     if not tower_from_checkpoint:  # the reference reloads the tower from mm_image_tower and ignores these
         ours = {k: v for k, v in ours.items() if not k.startswith("vision_tower.")}
+    check_keys(model, ours, tower_from_checkpoint)
+    model.load_state_dict(ours, strict=False)
+
+
+def check_keys(model, ours: dict[str, torch.Tensor], tower_from_checkpoint: bool) -> None:
+    """UserError naming every missing, unexpected or misshapen key of `ours` (tensors may be on meta)."""
     expected = model.state_dict()
     optional = {"language_model.lm_head.weight"} if model.language_model.config.tie_word_embeddings else set()
     missing = sorted(k for k in expected if k not in ours and k not in optional
@@ -89,35 +95,14 @@ def load_official_state(model, state: dict[str, torch.Tensor], tower_from_checkp
                 if keys]
     if problems:
         raise UserError("checkpoint does not match the config: " + "; ".join(problems))
-    model.load_state_dict(ours, strict=False)
 
 
 # ---- files -------------------------------------------------------------------------------------
 def read_state_dict(directory: Path) -> dict[str, torch.Tensor]:
     """All tensors of a checkpoint directory: (sharded) safetensors, else (sharded) pickled .bin."""
-    from safetensors.torch import load_file
-    directory = Path(directory)
-    for index_name, loader in (("model.safetensors.index.json", load_file),
-                               ("pytorch_model.bin.index.json", _load_bin)):
-        index = directory / index_name
-        if index.is_file():
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            return _merge(loader(directory / f) for f in files)
-    for single, loader in (("model.safetensors", load_file), ("pytorch_model.bin", _load_bin)):
-        if (directory / single).is_file():
-            return loader(directory / single)
-    raise UserError(f"no weights in {directory}: expected model.safetensors(.index.json) or pytorch_model.bin")
-
-
-def _load_bin(path: Path) -> dict[str, torch.Tensor]:
-    return torch.load(path, map_location="cpu", weights_only=True)  # never unpickle arbitrary objects
-
-
-def _merge(parts) -> dict[str, torch.Tensor]:
-    merged: dict[str, torch.Tensor] = {}
-    for part in parts:
-        merged.update(part)
-    return merged
+    from .weight_files import WeightFiles
+    with WeightFiles(directory) as files:
+        return {name: files.read(name) for name in files.names}
 
 
 def write_state_dict(state: dict[str, torch.Tensor], directory: Path, max_shard_bytes: int = 2 << 30) -> None:

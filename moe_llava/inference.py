@@ -17,6 +17,7 @@ def pipeline_for(loaded: LoadedModel, device: str | torch.device = "cpu") -> Pip
 
 
 def torch_pipeline(model: str, vision_tower: str | None = None, device: str = "cpu",
-                   dtype: torch.dtype = torch.float32) -> Pipeline:
-    """`dtype` casts everything but the routers (fp32, as trained); `device` is a torch device ("cpu", "cuda")."""
+                   dtype: str | torch.dtype = "auto") -> Pipeline:
+    """`dtype` (auto | fp32 | bf16 | fp16, or a torch dtype) casts everything but the routers (fp32, as
+    trained); `device` is a torch device ("cpu", "cuda")."""
     return pipeline_for(load_pretrained(model, vision_tower, dtype=dtype), device)

@@ -15,12 +15,13 @@ import torch
 from runtime.errors import UserError
 from runtime.prompt import END_OF_TEXT, Template, template_for
 
-from .checkpoint import load_official_state, ours_to_official, read_state_dict, write_state_dict
+from .checkpoint import ours_to_official, write_state_dict
 from .config import MoELlavaConfig
 from .image_processing import HFImageProcessor
 from .model import MoELlavaForCausalLM
 from .qwen import TIKTOKEN_FILE, tokenizer_from_tiktoken
-from .vision import load_tower_weights, resolve_tower
+from .vision import VisionTower, load_tower_weights, resolve_tower
+from .weight_files import WeightFiles
 
 DEMO_DIR = Path(__file__).parent / "assets" / "demo"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "qwen.tiktoken")
@@ -69,14 +70,35 @@ def build_model(config: MoELlavaConfig, vision_tower: str | None = None, checkpo
     return MoELlavaForCausalLM(config, spec), tower_dir
 
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_dtype(choice: str | torch.dtype, stored: torch.dtype) -> torch.dtype:
+    """`--dtype`: auto = fp32 on CPU (fast kernels, exact reference), the checkpoint's own dtype on CUDA."""
+    if isinstance(choice, torch.dtype):
+        return choice
+    if choice == "auto":
+        return stored if torch.cuda.is_available() else torch.float32
+    if choice not in DTYPES:
+        raise UserError(f"--dtype {choice!r} unknown; use auto, {', '.join(DTYPES)}")
+    return DTYPES[choice]
+
+
 def load_pretrained(name: str | Path, vision_tower: str | None = None,
-                    dtype: torch.dtype = torch.float32) -> LoadedModel:
+                    dtype: str | torch.dtype = "auto") -> LoadedModel:
+    """Built with meta parameters, then filled tensor by tensor from the files in the compute dtype."""
+    from .materialise import materialise, parameters_on_meta
     directory = resolve_model_dir(name)
     config = MoELlavaConfig.from_json(directory / "config.json")
-    model, tower_dir = build_model(config, vision_tower, directory)
-    load_official_state(model, read_state_dict(directory), tower_from_checkpoint=tower_dir is None)
-    if tower_dir is not None:
-        load_tower_weights(model.vision_tower, tower_dir)
+    with WeightFiles(directory) as files:
+        dtype = resolve_dtype(dtype, files.stored_dtype())
+        with parameters_on_meta():
+            model, tower_dir = build_model(config, vision_tower, directory)
+        if tower_dir is not None:  # a separate tower directory: small, built and loaded the plain way
+            model.vision_tower = VisionTower(model.vision_tower.spec, config.mm_vision_select_layer,
+                                             config.mm_vision_select_feature)
+            load_tower_weights(model.vision_tower, tower_dir)
+        materialise(model, files, dtype, tower_from_checkpoint=tower_dir is None)
     model.to_dtype(dtype).eval()
     tokenizer = load_tokenizer(directory)
     processor = HFImageProcessor(model.vision_tower.spec.processor, config.image_aspect_ratio)

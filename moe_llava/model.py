@@ -56,11 +56,12 @@ class MoELlavaForCausalLM(nn.Module):
         return self.projector(self.vision_tower(pixel_values))
 
     def decode_embeds(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                      past_key_values=None, use_cache: bool = False):
-        """The decoder on embeddings: -> (logits [B,S,V], cache)."""
+                      past_key_values=None, use_cache: bool = False, last_only: bool = False):
+        """The decoder on embeddings: -> (logits [B,S,V], or [B,1,V] for the last position only, cache)."""
         out = self.language_model.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                                         cache=past_key_values, use_cache=use_cache)
-        return self.language_model.lm_head(out.last_hidden_state), out.cache
+        hidden = out.last_hidden_state[:, -1:] if last_only else out.last_hidden_state
+        return self.language_model.lm_head(hidden), out.cache
 
     # ---- multimodal splice -------------------------------------------------------------------
     def splice(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None,

@@ -48,7 +48,7 @@ class PartSession:
         try:
             self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
         except Exception as e:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)
-            raise UserError(f"{path}: onnxruntime cannot load it: {str(e).splitlines()[0]}") from None
+            raise _load_error(path, str(e).splitlines()[0]) from None
         self.spec = spec
         _check_names(path, "inputs", spec.inputs, self.session.get_inputs())
         _check_names(path, "outputs", spec.outputs, self.session.get_outputs())
@@ -58,6 +58,16 @@ class PartSession:
 
     def run(self, **inputs: np.ndarray) -> list[np.ndarray]:
         return self.session.run(None, {k: self.cast(k, v) for k, v in inputs.items()})
+
+
+def _load_error(path: Path, message: str) -> UserError:
+    """Name the file that is damaged: onnxruntime blames an initializer, not the external .data file."""
+    if "External initializer" in message or "external data" in message.lower():
+        data = sorted({*path.parent.glob(f"{path.name}.data*"), *path.parent.glob(f"{path.stem}*.data")})
+        where = ", ".join(str(d) for d in data) or f"the external data of {path}"
+        return UserError(f"{where}: truncated or damaged external weights of {path.name} "
+                         f"({message.split(' : ')[-1]}); re-export it")
+    return UserError(f"{path}: onnxruntime cannot load it ({message.split(' : ')[-1]}); re-export it")
 
 
 def _check_names(path: Path, kind: str, declared, actual) -> None:
