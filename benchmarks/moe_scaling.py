@@ -61,7 +61,7 @@ def main(argv=None) -> int:
 
 def write_released_checkpoint(directory: str, preset: str, seed: int) -> Path:
     """Random fp16 weights of a released shape + a small BPE tokenizer (ids < 512) for prompts."""
-    from moe_llava.bench.synthetic import write_tokenizer
+    from benchmarks.synthetic import write_tokenizer
     from moe_llava.random_checkpoint import write_random_checkpoint
     from moe_llava.released import released_config
     out = write_random_checkpoint(directory, released_config(preset), seed)
