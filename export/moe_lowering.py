@@ -67,6 +67,11 @@ def interleave_rows(t: torch.Tensor) -> torch.Tensor:
     return torch.stack([gate, up], dim=2).flatten(1, 2)                        # [E,I,2,...] -> [E,2I,...]
 
 
+def deinterleave_rows(t: torch.Tensor) -> torch.Tensor:
+    """interleave_rows undone: [gate_0, up_0, gate_1, up_1, ...] -> [gate; up] (ExportMoE.restore)."""
+    return torch.cat([t[:, 0::2], t[:, 1::2]], dim=1)                          # [E,2I,...]
+
+
 class ExportMoE(nn.Module):
     """Stand-in for a MoELayer in the exported graph: fp32 router MatMul, then the `moe_llava::moe` op."""
 

@@ -20,7 +20,7 @@ def test_base_names_no_onnxruntime_and_each_extra_names_one():
     assert names(extras["gpu"]) == {"onnxruntime-gpu"}
     # `pip install .[runtime]` stays a torch-free CPU runtime (with moe-serve's HTTP stack)
     assert names(extras["runtime"]) == {"moe-llava-edge[cpu,serve]"}
-    assert "moe-llava-edge[cpu,export,train,quant]" in names(extras["dev"])  # make install: CPU onnxruntime
+    assert "moe-llava-edge[cpu,export,train,quant,serve]" in names(extras["dev"])  # make install: CPU onnxruntime
 
 
 def test_no_extra_but_cpu_pulls_the_cpu_package():

@@ -59,7 +59,9 @@ def test_export_attention_equals_transformers(name):
             swapped.slots.load(past, torch.ones(1, hi, dtype=torch.long), positions)
             got, _ = swapped(x[:, lo:hi], position_embeddings=rope)
         past = swapped.slots.presents
-        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+        # fp32 products blocked differently (one fused QKV GEMM vs three, and the BLAS's split of each reduction over
+        # threads) differ by a few ulp of the output's scale (|want| ~ 30 with these std-0.3 weights)
+        torch.testing.assert_close(got, want, atol=1e-5 * float(want.abs().max()) + 1e-6, rtol=1e-5)
         torch.testing.assert_close(past[0], cache.layers[0].keys, atol=2e-5, rtol=1e-5)
         torch.testing.assert_close(past[1], cache.layers[0].values, atol=2e-5, rtol=1e-5)
 
