@@ -112,9 +112,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from runtime.errors import UserError
-    try:
-        sys.exit(main())
-    except UserError as e:   # a path that is not an export / checkpoint: one line, no traceback
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    from runtime.errors import run_guarded
+    sys.exit(run_guarded(main))  # a path that is not an export / checkpoint: one line, no traceback

@@ -12,10 +12,16 @@ class UserError(Exception):
 
 def run_command(main: Callable[[argparse.Namespace], int | None], parser: argparse.ArgumentParser,
                 argv: Sequence[str] | None = None) -> int:
-    """Every console entry point: parse, run, and turn a UserError into one line on stderr and exit code 2."""
+    """Every console entry point: parse, then run as run_guarded does."""
     args = parser.parse_args(argv)
+    return run_guarded(lambda: main(args))
+
+
+def run_guarded(call: Callable[[], int | None]) -> int:
+    """Run `call` (a command or a benchmark script's main), turning a UserError into one line on stderr and
+    exit code 2."""
     try:
-        return main(args) or 0
+        return call() or 0
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
