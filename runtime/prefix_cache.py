@@ -7,9 +7,11 @@ the image only when its slot lies in the rest.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from PIL import Image
 
@@ -21,18 +23,50 @@ Key = int | str
 
 def image_digest(image: Image.Image | str | Path | bytes) -> str:
     """A content hash of the image as given: its file or encoded bytes, or a PIL image's pixels."""
-    h = hashlib.sha256()
+    return _digest(image_content(image))
+
+
+def image_content(image: Image.Image | str | Path | bytes) -> tuple[str, bytes]:
+    """What image_digest hashes: (a PIL image's mode and size, or "" for bytes and files; the bytes)."""
     if isinstance(image, bytes):
-        h.update(image)
-    elif isinstance(image, (str, Path)):
+        return "", image
+    if isinstance(image, (str, Path)):
         try:
-            h.update(Path(image).read_bytes())
+            return "", Path(image).read_bytes()
         except OSError as e:
             raise UserError(f"cannot read image {str(image)!r}: {e.strerror or e}") from None
-    else:
-        h.update(f"{image.mode}{image.size}".encode())
-        h.update(image.tobytes())
+    return f"{image.mode}{image.size}", image.tobytes()
+
+
+def _digest(content: tuple[str, bytes]) -> str:
+    header, data = content
+    h = hashlib.sha256(header.encode())
+    h.update(data)
     return h.hexdigest()
+
+
+class ImageDigests:
+    """image_digest that remembers the last image: a follow-up turn resends the same image, and comparing its
+    content with the remembered content (exact; memcmp, or nothing when it is the same bytes object) costs a
+    fraction of hashing it again. A changed image, even by one byte or pixel, is hashed anew."""
+
+    def __init__(self):
+        self._content: tuple[str, bytes] | None = None
+        self._digest = ""
+
+    def __call__(self, image: Image.Image | str | Path | bytes) -> str:
+        content = image_content(image)
+        if content != self._content:
+            self._content, self._digest = content, _digest(content)
+        return self._digest
+
+
+def memoised_encoder(tokenizer, size: int = 32) -> Callable[[str], tuple[int, ...]]:
+    """text -> tokenizer.encode(text).ids, remembered for the last `size` distinct texts. The pipeline
+    tokenises a conversation in chunks split at "<image>": the chunk before it (system prompt + "USER: ") is
+    the same in every turn and conversation, so a follow-up tokenises only what follows the image. Keyed by
+    the whole text: a changed message is a new key."""
+    return functools.lru_cache(maxsize=size)(lambda text: tuple(tokenizer.encode(text).ids))
 
 
 def conversation_keys(ids: list[int], digest: str | None) -> list[Key]:
