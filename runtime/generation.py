@@ -99,8 +99,8 @@ class Pipeline:
         # what the engine's KV cache holds; visual_tokens (P, 0 = unknown until the first image) lets a prompt
         # that cannot fit fail before its image is encoded
         self._cache = PrefixCache([], visual_tokens)
-        # what a follow-up turn resends: the chunk before the image, and the image
-        self._encode_chunk = memoised_encoder(tokenizer)
+        # what every request resends: the text before the image (system prompt, "USER: "), and the image
+        self._encode_before_image = memoised_encoder(tokenizer)
         self._image_digest = ImageDigests()
 
     def close(self) -> None:
@@ -119,8 +119,10 @@ class Pipeline:
     def conversation_ids(self, turns: list[Turn], with_image: bool) -> list[int]:
         """Templated conversation ids (the last turn unanswered); the image slot is one IMAGE_TOKEN_INDEX."""
         text = build_conversation(self.template, turns, with_image)
-        ids = join_image_chunks([self._encode_chunk(chunk) for chunk in text.split(IMAGE_PLACEHOLDER)],
-                                self.bos_token_id)
+        # the last chunk holds the question being asked, new in every request: not worth remembering
+        *before, last = text.split(IMAGE_PLACEHOLDER)
+        chunks = [*map(self._encode_before_image, before), self.tokenizer.encode(last).ids]
+        ids = join_image_chunks(chunks, self.bos_token_id)
         slots, images = ids.count(IMAGE_TOKEN_INDEX), int(with_image)
         if slots != images:
             raise UserError(f"the prompt has {slots} '<image>' placeholder(s) for {images} image(s); "

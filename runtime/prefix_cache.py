@@ -61,11 +61,10 @@ class ImageDigests:
         return self._digest
 
 
-def memoised_encoder(tokenizer, size: int = 32) -> Callable[[str], tuple[int, ...]]:
-    """text -> tokenizer.encode(text).ids, remembered for the last `size` distinct texts. The pipeline
-    tokenises a conversation in chunks split at "<image>": the chunk before it (system prompt + "USER: ") is
-    the same in every turn and conversation, so a follow-up tokenises only what follows the image. Keyed by
-    the whole text: a changed message is a new key."""
+def memoised_encoder(tokenizer, size: int = 8) -> Callable[[str], tuple[int, ...]]:
+    """text -> tokenizer.encode(text).ids, remembered for the last `size` distinct texts (exact: keyed by the
+    whole text, so a changed text is a new key). For text that recurs in every request, such as the system
+    prompt before the image."""
     return functools.lru_cache(maxsize=size)(lambda text: tuple(tokenizer.encode(text).ids))
 
 
