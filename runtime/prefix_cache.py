@@ -22,25 +22,26 @@ Key = int | str
 
 
 def image_digest(image: Image.Image | str | Path | bytes) -> str:
-    """A content hash of the image as given: its file or encoded bytes, or a PIL image's pixels."""
+    """A content hash of the image as given: its file or encoded bytes, or a PIL image's pixels (and palette)."""
     return _digest(image_content(image))
 
 
-def image_content(image: Image.Image | str | Path | bytes) -> tuple[str, bytes]:
-    """What image_digest hashes: (a PIL image's mode and size, or "" for bytes and files; the bytes)."""
+def image_content(image: Image.Image | str | Path | bytes) -> tuple[bytes, bytes]:
+    """What image_digest hashes: (a PIL image's mode, size and palette, or b"" for bytes and files; the bytes)."""
     if isinstance(image, bytes):
-        return "", image
+        return b"", image
     if isinstance(image, (str, Path)):
         try:
-            return "", Path(image).read_bytes()
+            return b"", Path(image).read_bytes()
         except OSError as e:
             raise UserError(f"cannot read image {str(image)!r}: {e.strerror or e}") from None
-    return f"{image.mode}{image.size}", image.tobytes()
+    palette = image.getpalette() or []  # "P" images: the pixels are indices, the colours live here
+    return f"{image.mode}{image.size}".encode() + bytes(palette), image.tobytes()
 
 
-def _digest(content: tuple[str, bytes]) -> str:
+def _digest(content: tuple[bytes, bytes]) -> str:
     header, data = content
-    h = hashlib.sha256(header.encode())
+    h = hashlib.sha256(header)
     h.update(data)
     return h.hexdigest()
 
@@ -48,10 +49,11 @@ def _digest(content: tuple[str, bytes]) -> str:
 class ImageDigests:
     """image_digest that remembers the last image: a follow-up turn resends the same image, and comparing its
     content with the remembered content (exact; memcmp, or nothing when it is the same bytes object) costs a
-    fraction of hashing it again. A changed image, even by one byte or pixel, is hashed anew."""
+    fraction of hashing it again. A changed image, even by one byte or pixel, is hashed anew. Holds one image's
+    content between requests: its encoded bytes, or a PIL image's pixels."""
 
     def __init__(self):
-        self._content: tuple[str, bytes] | None = None
+        self._content: tuple[bytes, bytes] | None = None
         self._digest = ""
 
     def __call__(self, image: Image.Image | str | Path | bytes) -> str:

@@ -40,6 +40,11 @@ def test_image_digests_equal_a_fresh_digest_and_follow_every_change(tmp_path):
     assert digests(image) == image_digest(image) != before
     assert digests(image.convert("L")) == image_digest(image.convert("L")) != digests(image)  # mode counts
 
+    indexed = image.convert("P", palette=Image.Palette.ADAPTIVE, colors=8)
+    before = digests(indexed)
+    indexed.putpalette([255 - v for v in indexed.getpalette()])  # same indices, other colours
+    assert digests(indexed) == image_digest(indexed) != before
+
 
 def test_memoised_encoder_returns_the_tokenizer_ids_and_calls_it_once_per_text():
     tokenizer = byte_tokenizer()
