@@ -4,6 +4,10 @@ A conversation is a list of keys, one per prompt id: the text token id, or for t
 digest (the slot spans P visual positions in the cache). The reusable part of a new prompt is its longest
 common key prefix with the cached one; the engine keeps those positions and prefills the rest, and encodes
 the image only when its slot lies in the rest.
+
+Also what a follow-up turn need not recompute to find that prefix: the digest of an image that has not changed
+(ImageDigests) and the tokens of text that every request repeats (memoised_encoder). Both compare content in
+full, so a change is never missed.
 """
 from __future__ import annotations
 
@@ -21,13 +25,9 @@ from runtime.prompt import IMAGE_TOKEN_INDEX
 Key = int | str
 
 
-def image_digest(image: Image.Image | str | Path | bytes) -> str:
-    """A content hash of the image as given: its file or encoded bytes, or a PIL image's pixels (and palette)."""
-    return _digest(image_content(image))
-
-
 def image_content(image: Image.Image | str | Path | bytes) -> tuple[bytes, bytes]:
-    """What image_digest hashes: (a PIL image's mode, size and palette, or b"" for bytes and files; the bytes)."""
+    """What identifies an image: (a PIL image's mode, size and palette, or b"" for bytes and files; its file or
+    encoded bytes, or a PIL image's pixels)."""
     if isinstance(image, bytes):
         return b"", image
     if isinstance(image, (str, Path)):
@@ -39,18 +39,12 @@ def image_content(image: Image.Image | str | Path | bytes) -> tuple[bytes, bytes
     return f"{image.mode}{image.size}".encode() + bytes(palette), image.tobytes()
 
 
-def _digest(content: tuple[bytes, bytes]) -> str:
-    header, data = content
-    h = hashlib.sha256(header)
-    h.update(data)
-    return h.hexdigest()
-
-
 class ImageDigests:
-    """image_digest that remembers the last image: a follow-up turn resends the same image, and comparing its
-    content with the remembered content (exact; memcmp, or nothing when it is the same bytes object) costs a
-    fraction of hashing it again. A changed image, even by one byte or pixel, is hashed anew. Holds one image's
-    content between requests: its encoded bytes, or a PIL image's pixels."""
+    """image -> the sha256 of its image_content, remembering the last image: a follow-up turn resends the same
+    image, and comparing its content with the remembered content (exact; memcmp, or nothing when it is the same
+    bytes object) costs a fraction of hashing it again. A changed image, even by one byte, pixel or palette
+    entry, is hashed anew. Holds one image's content between requests: its encoded bytes, or a PIL image's
+    pixels."""
 
     def __init__(self):
         self._content: tuple[bytes, bytes] | None = None
@@ -59,7 +53,10 @@ class ImageDigests:
     def __call__(self, image: Image.Image | str | Path | bytes) -> str:
         content = image_content(image)
         if content != self._content:
-            self._content, self._digest = content, _digest(content)
+            header, data = content
+            h = hashlib.sha256(header)
+            h.update(data)
+            self._content, self._digest = content, h.hexdigest()
         return self._digest
 
 

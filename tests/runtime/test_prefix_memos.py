@@ -10,7 +10,7 @@ from PIL import Image
 
 from rt_helpers import EOS, TINY_SPEC, FakeEngine, byte_tokenizer
 from runtime.generation import Pipeline
-from runtime.prefix_cache import ImageDigests, image_digest, memoised_encoder
+from runtime.prefix_cache import ImageDigests, memoised_encoder
 from runtime.prompt import Turn, build_conversation, tokenize_with_image
 
 
@@ -18,6 +18,11 @@ def _png(seed: int) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(np.random.default_rng(seed).integers(0, 256, (5, 7, 3), dtype=np.uint8)).save(buffer, "PNG")
     return buffer.getvalue()
+
+
+def image_digest(image) -> str:
+    """The reference: a digest computed with nothing remembered."""
+    return ImageDigests()(image)
 
 
 def test_image_digests_equal_a_fresh_digest_and_follow_every_change(tmp_path):
