@@ -48,7 +48,7 @@ class TensorIO:
         self._out = open(self.data_path, "wb") if self.data_path else None
         self._tensors = {t.name: t for t in model.graph.initializer}
         self._written: set[str] = set()   # tensors already in the output's data file
-        self._views: dict[str, tuple[str, np.dtype]] = {}   # Cast(initializer) outputs: (source, dtype)
+        self._views: dict[str, tuple[str, np.dtype, bool]] = {}   # (source, dtype, transposed)
         self._bar = None
         if progress:   # bytes of weights read (each is read once): the quantising phase's progress and ETA
             from tqdm import tqdm
@@ -56,25 +56,42 @@ class TensorIO:
             self._bar = tqdm(total=total, desc=progress, unit="B", unit_scale=True, leave=False)
 
     def absorb_casts(self) -> int:
-        """Cast(initializer) nodes -> initializers read through the cast (nothing materialised until read).
+        """Cast(initializer) and Transpose(initializer, perm=[1, 0]) nodes, chained in any order, become
+        initializers read through the cast / transposition; nothing is materialised until it is read.
 
-        A model that keeps 16-bit weights and computes in fp32 (moe_llava/upcast.py) traces to fp16
-        initializers + Cast; the quantisers then see plain fp32 weights. Returns how many casts."""
+        A model that keeps 16-bit weights and computes in fp32 (moe_llava/upcast.py) traces its Linears to
+        MatMul(x, Transpose(Cast(W16))): the quantisers then see a plain fp32 [K, N] weight, and quantise it
+        straight from W16's rows. Returns how many nodes were absorbed."""
         kept = []
         for node in self.model.graph.node:
-            to = next((a.i for a in node.attribute if a.name == "to"), None)
-            source = node.input[0] if node.op_type == "Cast" and node.input else None
-            if source not in self._tensors or to is None:
+            view = self._view_of(node)
+            if view is None:
                 kept.append(node)
                 continue
-            view = onnx.TensorProto(name=node.output[0], data_type=to, dims=self._tensors[source].dims)
-            self._views[view.name] = (source, np.dtype(helper.tensor_dtype_to_np_dtype(to)))
-            self.model.graph.initializer.append(view)
-            self._tensors[view.name] = view
+            source, dtype, transposed = view
+            dims = self._tensors[node.input[0]].dims
+            proto = onnx.TensorProto(name=node.output[0], data_type=helper.np_dtype_to_tensor_dtype(dtype),
+                                     dims=list(reversed(dims)) if node.op_type == "Transpose" else dims)
+            self._views[proto.name] = view
+            self.model.graph.initializer.append(proto)
+            self._tensors[proto.name] = proto
         absorbed = len(self.model.graph.node) - len(kept)
         del self.model.graph.node[:]
         self.model.graph.node.extend(kept)
         return absorbed
+
+    def _view_of(self, node: onnx.NodeProto) -> tuple[str, np.dtype, bool] | None:
+        """(source initializer, dtype read as, transposed) for a Cast / 2-D Transpose of a weight, else None."""
+        if node.op_type not in ("Cast", "Transpose") or not node.input or node.input[0] not in self._tensors:
+            return None
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        source, dtype, transposed = self._views.get(node.input[0], (node.input[0], None, False))
+        dtype = dtype or np.dtype(helper.tensor_dtype_to_np_dtype(self._tensors[source].data_type))
+        if node.op_type == "Cast":
+            return source, np.dtype(helper.tensor_dtype_to_np_dtype(attrs["to"])), transposed
+        if len(self._tensors[node.input[0]].dims) == 2 and list(attrs.get("perm", [1, 0])) == [1, 0]:
+            return source, dtype, not transposed
+        return None
 
     # ---- reading --------------------------------------------------------------------------------
     def __contains__(self, name: str) -> bool:
@@ -89,7 +106,10 @@ class TensorIO:
     def read(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Rows [start:stop) of the leading axis of initializer `name` (the whole tensor by default)."""
         if name in self._views:
-            source, dtype = self._views[name]
+            source, dtype, transposed = self._views[name]
+            if transposed:   # whole tensors only (materialising a view); quantisers read the source's rows
+                assert start == 0 and stop is None, "a transposed view is read whole"
+                return np.ascontiguousarray(self.read(source).astype(dtype).T)
             return self.read(source, start, stop).astype(dtype)
         tensor = self._tensors[name]
         if not is_external(tensor):
@@ -100,11 +120,15 @@ class TensorIO:
         stop = shape[0] if stop is None else min(stop, shape[0])
         row = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
         location, offset, _ = _external_info(tensor)
-        with open(self.source_dir / location, "rb") as f:
+        path = self.source_dir / location
+        if name in self._written:   # written by this TensorIO (a folded weight): read it back from the output
+            self._out.flush()
+            path = self.data_path
+        with open(path, "rb") as f:
             f.seek(offset + start * row)
             data = np.fromfile(f, dtype=dtype, count=(stop - start) * row // dtype.itemsize)
         if data.size * dtype.itemsize != (stop - start) * row:
-            raise OSError(f"{self.source_dir / location}: truncated (tensor {name})")
+            raise OSError(f"{path}: truncated (tensor {name})")
         if self._bar is not None:
             self._bar.update(data.nbytes)
         return data.reshape(stop - start, *shape[1:])
@@ -114,6 +138,10 @@ class TensorIO:
         as its transpose), read a chunk at a time."""
         from .blockwise import quantize_chunked
         dtype = helper.tensor_dtype_to_np_dtype(self._tensors[name].data_type)
+        source, _, transposed = self._views.get(name, (name, None, False))
+        if transposed:   # a transposed view: the stored rows are the other axis (W^T's blocks are W's rows)
+            return quantize_chunked(lambda a, b: self.read(source, a, b).astype(dtype), self.shape(source),
+                                    dtype, spec, not k_first)
         return quantize_chunked(lambda a, b: self.read(name, a, b), self.shape(name), dtype, spec, k_first)
 
     # ---- writing --------------------------------------------------------------------------------

@@ -148,18 +148,24 @@ def test_peak_memory_does_not_grow_with_the_weights(tmp_path):
     assert grown < 0.4 * weight_bytes, f"peak grew by {grown / 1e6:.0f} MB for {weight_bytes / 1e6:.0f} MB of weights"
 
 
-def test_fp16_weights_behind_a_cast_quantise_like_their_fp32_values(tmp_path):
-    """What a model storing 16-bit weights and computing in fp32 traces to (moe_llava/upcast.py): the quantiser
-    reads through the Cast; a cast weight nothing quantises (a bias) is written as its fp32 values."""
-    weight = np.random.default_rng(9).normal(size=(256, 64)).astype(np.float16)
+@pytest.mark.parametrize("linear", [False, True])
+def test_fp16_weights_behind_a_cast_quantise_like_their_fp32_values(tmp_path, linear):
+    """What a model storing 16-bit weights and computing in fp32 traces to (moe_llava/upcast.py): MatMul(x,
+    Cast(W16)), or for a Linear MatMul(x, Transpose(Cast(W16 [N, K]))). The quantiser reads through them; a
+    cast weight nothing quantises (a bias) is written as its fp32 values."""
+    weight = np.random.default_rng(9).normal(size=(256, 64)).astype(np.float16)          # [K, N]
     bias = np.random.default_rng(10).normal(size=64).astype(np.float16)
     cast = lambda src, dst: helper.make_node("Cast", [src], [dst], to=TensorProto.FLOAT)  # noqa: E731
+    nodes = [cast("W16", "W"), cast("b16", "b")]
+    stored = weight
+    if linear:   # the weight stored as a Linear keeps it, [N, K]
+        stored = np.ascontiguousarray(weight.T)
+        nodes = [cast("W16", "Wt"), helper.make_node("Transpose", ["Wt"], ["W"], perm=[1, 0]), cast("b16", "b")]
     graph = helper.make_graph(
-        [cast("W16", "W"), cast("b16", "b"), helper.make_node("MatMul", ["x", "W"], ["xw"], name="mm"),
-         helper.make_node("Add", ["xw", "b"], ["y"])], "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 256])],
+        nodes + [helper.make_node("MatMul", ["x", "W"], ["xw"], name="mm"), helper.make_node("Add", ["xw", "b"], ["y"])],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 256])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 64])],
-        [numpy_helper.from_array(weight, "W16"), numpy_helper.from_array(bias, "b16")])
+        [numpy_helper.from_array(stored, "W16"), numpy_helper.from_array(bias, "b16")])
     src, dst = tmp_path / "f16.onnx", tmp_path / "q.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(src))
     plan = WeightOnlyPlan(dense=NBits(4, 32), head=None, expert_bits=None, embedding_bits=None)
