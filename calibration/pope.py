@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tqdm import tqdm
+
 from runtime.preprocess import load_image
 
 MAX_NEW_TOKENS = 4
@@ -15,7 +17,7 @@ MAX_NEW_TOKENS = 4
 
 def pope_answers(pipeline, records: list[dict], image_root: Path) -> list[str]:
     answers, images = [], {}
-    for record in records:
+    for record in tqdm(records, desc="validating: POPE probes", unit="probe", leave=False):
         name = record["image"]
         if name not in images:
             images = {name: load_image(Path(image_root) / name)}  # records come grouped by image

@@ -20,6 +20,7 @@ import numpy as np
 import onnx
 import torch
 from PIL import Image
+from tqdm import tqdm
 
 from moe_llava.inference import pipeline_for
 from moe_llava.loading import LoadedModel
@@ -169,7 +170,8 @@ def greedy_agreement(loaded: LoadedModel, directory: Path, images, max_new_token
     matched = total = 0
     answers = []
     with load_pipeline(directory) as ort_pipe:
-        for image, prompt in zip(images, PROMPTS * len(images)):
+        for image, prompt in tqdm(list(zip(images, PROMPTS * len(images))), desc="validating: greedy answers",
+                                  unit="answer", leave=False):
             want = torch_pipe.generate(image, prompt, max_new_tokens).token_ids
             got = ort_pipe.generate(image, prompt, max_new_tokens).token_ids
             same = first_divergence(want, got)
@@ -196,7 +198,8 @@ def logit_cosine(loaded: LoadedModel, directory: Path, images, answers: list[dic
     """(cosine figures, divergences): PyTorch's logit margin where the export's greedy answer parts from it."""
     reference, values, divergences = pipeline_for(loaded), [], []
     with load_pipeline(directory) as runtime:
-        for k, (image, answer) in enumerate(zip(images, answers)):
+        for k, (image, answer) in enumerate(tqdm(list(zip(images, answers)), desc="validating: logits",
+                                                 unit="answer", leave=False)):
             tokens = answer["pytorch"]
             want = forced_logits(reference, image, answer["prompt"], tokens)
             got = forced_logits(runtime, image, answer["prompt"], tokens)
