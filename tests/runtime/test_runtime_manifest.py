@@ -73,6 +73,8 @@ def _set(path, value):
     (_set(["image", "aspect_ratio"], "anyres"), "aspect_ratio 'anyres'"),
     (_set(["decoder", "extra"], 1), "malformed"),
     (_set(["attention"], "flash"), "attention 'flash' is not one of ['unfused', 'fused']"),
+    (_set(["kv_cache"], "fp8"), "kv_cache 'fp8' is not one of ['float', 'int8']"),
+    (_set(["kv_cache"], "int8"), "an int8 KV cache needs fused attention"),
 ])
 def test_validation_errors_are_one_clear_line(export_dir, tmp_path, edit, expected):
     assert expected in broken(export_dir, tmp_path, edit)
