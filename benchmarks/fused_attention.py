@@ -34,18 +34,18 @@ from benchmarks.synthetic import Preset  # noqa: E402
 
 # graph name -> (attention, kv cache)
 GRAPHS = {"fused": ("fused", "float"), "fused-int8kv": ("fused", "int8"), "unfused": ("unfused", "float")}
-FUSED = ("fused", "fused-int8kv")
+BASELINES = ("unfused", "fused")  # every other graph is also given as a ratio to these, where measured
 
 
-def prepare(checkpoint: Path | None, preset: str, work: Path) -> dict[str, Path]:
-    """The two exports (reused when `work` already holds them)."""
+def prepare(checkpoint: Path | None, preset: str, work: Path, graphs: list[str]) -> dict[str, Path]:
+    """The exports of `graphs` (reused when `work` already holds them)."""
     from benchmarks.synthetic import write_synthetic_checkpoint
     from export.onnx_export import export_onnx
     if checkpoint is None:
         checkpoint = work / f"{preset}-checkpoint"
         if not (checkpoint / "config.json").is_file():
             write_synthetic_checkpoint(checkpoint, preset, 4)
-    dirs = {g: work / f"{checkpoint.name}-{g}" for g in GRAPHS}
+    dirs = {g: work / f"{checkpoint.name}-{g}" for g in graphs}
     for graph, out in dirs.items():
         if not (out / "manifest.json").is_file():
             attention, kv_cache = GRAPHS[graph]
@@ -80,15 +80,15 @@ def measure(dirs: dict[str, Path], positions: tuple[int, int], prefill: int, dec
     """{clock: {graph: {case: median ms}}}"""
     from runtime.ort_engine import OrtEngine
     engines = {g: OrtEngine(d, threads=threads) for g, d in dirs.items()}
-    hidden = engines["fused"].hidden_size
+    hidden = next(iter(engines.values())).hidden_size
     rng = np.random.default_rng(0)
     embeds = rng.standard_normal((max(*positions, prefill), hidden)).astype(np.float32) * 0.02
     cases = {f"decode@{n}": (lambda e, n=n: time_decode(e, embeds[:n], decode_tokens)) for n in positions}
     cases[f"prefill@{prefill}"] = lambda e: time_prefill(e, embeds[:prefill])
-    samples = {g: {c: [] for c in cases} for g in GRAPHS}
+    samples = {g: {c: [] for c in cases} for g in engines}
     for _ in range(1 + runs):  # the first round warms up and is dropped
         for case, run in cases.items():
-            for graph in GRAPHS:
+            for graph in engines:
                 samples[graph][case].append(run(engines[graph]))
         print(".", end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
@@ -98,10 +98,11 @@ def measure(dirs: dict[str, Path], positions: tuple[int, int], prefill: int, dec
 
 def ratios(medians: dict, positions: tuple[int, int], prefill: int) -> dict:
     lo, hi = (f"decode@{n}" for n in positions)
-    pre = f"prefill@{prefill}"
-    return {"decode_growth": {g: medians[g][hi] / medians[g][lo] for g in GRAPHS},
-            f"over_unfused_{hi}": {g: medians[g][hi] / medians["unfused"][hi] for g in FUSED},
-            f"over_unfused_{pre}": {g: medians[g][pre] / medians["unfused"][pre] for g in FUSED}}
+    out = {"decode_growth": {g: m[hi] / m[lo] for g, m in medians.items()}}
+    for base in (b for b in BASELINES if b in medians):
+        for case in (hi, f"prefill@{prefill}"):
+            out[f"over_{base}_{case}"] = {g: m[case] / medians[base][case] for g, m in medians.items() if g != base}
+    return out
 
 
 def report(medians: dict, positions: tuple[int, int], prefill: int, manifest) -> dict:
@@ -121,14 +122,19 @@ def main(argv=None) -> int:
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--decode-tokens", type=int, default=8)
+    p.add_argument("--graphs", default=",".join(GRAPHS),
+                   help=f"comma-separated, of {', '.join(GRAPHS)} (fewer graphs: less memory at 300m)")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
+    graphs = args.graphs.split(",")
+    if not graphs or set(graphs) - set(GRAPHS):
+        p.error(f"--graphs {args.graphs!r}: choose from {', '.join(GRAPHS)}")
     positions, prefill = (64, 960), 700
     with tempfile.TemporaryDirectory(prefix="fused-attention-") as tmp:
-        dirs = prepare(args.checkpoint, args.preset, args.work_dir or Path(tmp))
+        dirs = prepare(args.checkpoint, args.preset, args.work_dir or Path(tmp), graphs)
         medians = measure(dirs, positions, prefill, args.decode_tokens, args.runs, args.threads)
         from runtime.manifest import Manifest
-        result = report(medians, positions, prefill, Manifest.load(dirs["fused"]))
+        result = report(medians, positions, prefill, Manifest.load(next(iter(dirs.values()))))
     result.update(preset=args.preset if args.checkpoint is None else str(args.checkpoint), runs=args.runs,
                   threads=args.threads, decode_tokens=args.decode_tokens)
     text = json.dumps(result, indent=2)
