@@ -3,19 +3,21 @@ quantised cache), written as a rewrite of a float export's decoder.onnx.
 
 Shapes: L layers, KVH kv heads, D head dim, n cached positions, R rotary dims (a prefix of D).
 
-Why: on the CPU the decode step's growth with the context is the op reading the cache (profile in the README,
-fused attention section: GroupQueryAttention is the only op whose time grows from 64 to 960 cached positions,
-+0.49 ms per layer on the `small` preset, fp32). An int8 cache is a quarter of the fp32 bytes and onnxruntime's
-CPU kernel reads it without first widening it (an fp16 cache under an fp32 graph is widened whole every step and
-is slower than fp32; an all-fp16 attention barely gains - measured, README).
+Why: on the CPU the decode step's growth with the context is the op reading the cache (README, fused attention:
+GroupQueryAttention is the only op whose time grows from 64 to 960 cached positions, +1.7 ms over 4 layers on
+the `small` preset, fp32). An int8 cache is a quarter of the fp32 bytes and onnxruntime 1.32's CPU kernel reads
+it without widening it first (+0.57 ms). An fp16 cache under an fp32 graph is widened whole every step (slower
+than fp32); an all-fp16 attention barely gains on decode. The price: the same kernel computes a prompt's
+attention over an int8 cache ~2.4x slower than over fp32, so a 700-position prefill takes longer (README).
 
-    qkv [B,S,(NH+2KVH)*D] fp32 --GroupQueryAttention(k_quant_type=v_quant_type=PER_CHANNEL, kv_cache_bit_width=8,
-        past_key/past_value int8 [B,KVH,M,D], k_scale/v_scale fp32 [1,KVH,1,D] initializers)--> out fp32
-    stored = clip(round(x / scale), -128, 127); the attention reads stored * scale     (tests/export/test_kv_cache_int8.py)
+    qkv [B,S,(NH+2KVH)*D] fp32 --GroupQueryAttention(k_quant_type=v_quant_type=PER_CHANNEL,
+        kv_cache_bit_width=8, past_key/past_value int8 [B,KVH,M,D], k_scale/v_scale fp32 [1,KVH,1,D])--> out
+    stored = clip(round(x / scale), -128, 127); attention reads stored * scale (tests/export/test_kv_cache_int8.py)
 
 Scales are fixed in the graph (the op takes no per-token scales), so they are calibrated once: the float export
-answers the validation samples (image + prompt, greedy), and each channel's scale is its largest |value| over the
-cached positions times MARGIN, / 127. Key channels under the rotary are turned pairwise, (i, i + R/2), by an angle
+answers 4 samples greedily (2 drawn scenes with a prompt each, the same prompts without an image; not the
+validation's samples), and each channel's scale is its largest |value| over the cached positions times MARGIN,
+/ 127. Key channels under the rotary are turned pairwise, (i, i + R/2), by an angle
 that grows with the position, so a position the calibration did not reach can move a pair's magnitude from one
 channel to the other: both channels get the pair's largest norm, which no angle exceeds.
 """
