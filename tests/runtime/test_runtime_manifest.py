@@ -92,6 +92,18 @@ def test_export_without_attention_field_reads_as_unfused(export_dir, tmp_path):
     assert Manifest.load(out).attention == "unfused" and Manifest.load(export_dir).attention == "unfused"
 
 
+def test_export_without_kv_cache_field_reads_as_float(export_dir, tmp_path):
+    """Exports written before manifest.kv_cache existed keep their cache in the graph's float dtype."""
+    out = tmp_path / "old"
+    out.mkdir()
+    for f in export_dir.iterdir():
+        (out / f.name).write_bytes(f.read_bytes())
+    raw = json.loads((out / "manifest.json").read_text())
+    del raw["kv_cache"]
+    (out / "manifest.json").write_text(json.dumps(raw))
+    assert Manifest.load(out).kv_cache == "float"
+
+
 def test_missing_directory_and_bad_json(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         Manifest.load(tmp_path / "nowhere")
