@@ -20,8 +20,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "auto = fused with --moe-impl ort, unfused otherwise (TensorRT fuses standard ops itself)")
     p.add_argument("--kv-cache", choices=["float", "int8"], default="float",
                    help="how the fused decoder stores its KV cache: float = the graph's dtype; int8 = "
-                        "GroupQueryAttention's quantised cache (per-channel scales calibrated at export; a quarter "
-                        "of the fp32 bytes read per token: decode slows less with the context, logits move ~1-2 %%)")
+                        "GroupQueryAttention's quantised cache (per-channel scales calibrated at export): decode "
+                        "slows less as the context grows, a long prompt's prefill is slower, the logits move "
+                        "slightly (README, Attention)")
     p.add_argument("--precision", choices=["fp32", "fp16", "int8", "int4", "fp8"], default="fp32",
                    help="int8/int4: weight-only quantisation on onnxruntime's fast CPU kernels (no calibration "
                         "data; routers and norms stay float); fp8 and --target tensorrt int8 calibrate Q/DQ")

@@ -8,7 +8,7 @@ GroupQueryAttention is the only op whose time grows from 64 to 960 cached positi
 the `small` preset, fp32). An int8 cache is a quarter of the fp32 bytes and onnxruntime 1.32's CPU kernel reads
 it without widening it first (+0.57 ms). An fp16 cache under an fp32 graph is widened whole every step (slower
 than fp32); an all-fp16 attention barely gains on decode. The price: the same kernel computes a prompt's
-attention over an int8 cache ~2.4x slower than over fp32, so a 700-position prefill takes longer (README).
+attention over an int8 cache ~2.5x slower than over fp32, so a 700-position prefill takes longer (README).
 
     qkv [B,S,(NH+2KVH)*D] fp32 --GroupQueryAttention(k_quant_type=v_quant_type=PER_CHANNEL,
         kv_cache_bit_width=8, past_key/past_value int8 [B,KVH,M,D], k_scale/v_scale fp32 [1,KVH,1,D])--> out
