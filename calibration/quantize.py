@@ -46,9 +46,10 @@ def check_precision(precision: str) -> Precision:
 def export_quantized(model: str | Path, out: str | Path, moe_impl="auto", precision: str = "int8",
                      vision_tower: str | None = None, validate: bool = True,
                      synthetic: SyntheticSpec | None = None, pope_per_split: int | None = None,
-                     attention: str = "auto") -> Path:
+                     attention: str = "auto", kv_cache: str = "float") -> Path:
     """Export `model` ('demo' or a checkpoint dir) quantised to `precision` into `out`; returns `out`."""
-    from export.attention_lowering import AttentionImpl
+    from export.attention_lowering import AttentionImpl, rotary_dims
+    from export.kv_cache_int8 import KVCacheType, quantise_kv_cache
     from export.moe_lowering import MoEImpl
     from export.onnx_export import write_export
     from export.output_dir import check_target, staged_output
@@ -61,6 +62,7 @@ def export_quantized(model: str | Path, out: str | Path, moe_impl="auto", precis
         raise UserError("--moe-impl plugin graphs need TensorRT: quantise them with --target tensorrt (ModelOpt); "
                         "for onnxruntime use --moe-impl ort or portable")
     attention = AttentionImpl(attention).resolve(impl.value)
+    kv_cache = KVCacheType(kv_cache).check(attention.value)
     if impl is MoEImpl.PLUGIN:  # INT4 weight-only graphs for TensorRT (plugin INT4 experts), no calibration
         from .trt_int4_export import export_int4_for_tensorrt
         return export_int4_for_tensorrt(load_pretrained(model, vision_tower), out, validate, synthetic,
@@ -69,10 +71,13 @@ def export_quantized(model: str | Path, out: str | Path, moe_impl="auto", precis
     # fp16 initializers + Cast, which the streamed quantiser reads through, and the same model is the fp32
     # reference of validation - a released StableLM-1.6B-4e is held once, in 6.4 GB, from start to end
     loaded = load_pretrained(model, vision_tower, keep_stored=True)
+    rotary = rotary_dims(loaded.model.layers[0].self_attn)
     with staged_output(out) as staging, tempfile.TemporaryDirectory(prefix=f".{out.name}.fp32.",
                                                                      dir=out.parent) as fp32_dir:
         write_export(loaded, Path(fp32_dir), impl, Precision.FP32, attention)
         quantize_export(Path(fp32_dir), staging, p)
+        if kv_cache is KVCacheType.INT8:
+            quantise_kv_cache(Path(fp32_dir), staging, rotary)  # scales from the fp32 graph's cache
         if validate:
             from .validation import validate_quantized
             validate_quantized(loaded, staging, synthetic=synthetic, pope_per_split=pope_per_split)

@@ -18,6 +18,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decoder attention: fused = com.microsoft.GroupQueryAttention with the rotary inside and a "
                         "KV cache written in place (onnxruntime only); unfused = standard ONNX ops; "
                         "auto = fused with --moe-impl ort, unfused otherwise (TensorRT fuses standard ops itself)")
+    p.add_argument("--kv-cache", choices=["float", "int8"], default="float",
+                   help="how the fused decoder stores its KV cache: float = the graph's dtype; int8 = "
+                        "GroupQueryAttention's quantised cache (per-channel scales calibrated at export): decode "
+                        "slows less as the context grows, a long prompt's prefill is slower, the logits move "
+                        "slightly (README, Attention)")
     p.add_argument("--precision", choices=["fp32", "fp16", "int8", "int4", "fp8"], default="fp32",
                    help="int8/int4: weight-only quantisation on onnxruntime's fast CPU kernels (no calibration "
                         "data; routers and norms stay float); fp8 and --target tensorrt int8 calibrate Q/DQ")
@@ -60,6 +65,9 @@ def main(args: argparse.Namespace) -> int:
     if args.out is None:
         raise UserError("--out is required")
     if args.target == "tensorrt":
+        if args.kv_cache != "float":
+            raise UserError("--kv-cache int8 is GroupQueryAttention's cache, an onnxruntime op; TensorRT engines "
+                            "keep a float cache: drop --kv-cache or use --target onnx")
         if args.attention == "fused":
             raise UserError("--attention fused is an onnxruntime op; TensorRT engines keep standard-op attention "
                             "(its builder fuses it): drop --attention or use --target onnx")
@@ -81,11 +89,11 @@ def main(args: argparse.Namespace) -> int:
                             "and need no calibration data (drop --calib-data)")
         out = export_quantized(args.model, args.out, args.moe_impl, args.precision, args.vision_tower,
                                validate=not args.no_validate, attention=args.attention,
-                               pope_per_split=args.pope_per_split)
+                               pope_per_split=args.pope_per_split, kv_cache=args.kv_cache)
     else:
         from export.onnx_export import export_onnx
         out = export_onnx(args.model, args.out, args.moe_impl, args.precision, args.vision_tower,
-                          validate=not args.no_validate, attention=args.attention)
+                          validate=not args.no_validate, attention=args.attention, kv_cache=args.kv_cache)
     _print_validation(out)
     return 0
 

@@ -137,7 +137,7 @@ class ExportAttention(nn.Module):
         config = attn.config
         self.num_heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim, self.scale = attn.head_dim, float(attn.scaling)
-        self.rotary_dims = getattr(attn, "rotary_ndims", attn.head_dim)
+        self.rotary_dims = rotary_dims(attn)
         self.fused_rotary = (self.rotary_dims // 2) % ROTARY_HALF_MULTIPLE == 0
         self.qkv = _concat_linear([attn.q_proj, attn.k_proj, attn.v_proj])
         self.o_proj = attn.o_proj if hasattr(attn, "o_proj") else attn.dense
@@ -166,6 +166,11 @@ class ExportAttention(nn.Module):
         q, k = (torch.cat([rot, t[..., r:]], dim=-1).transpose(1, 2).reshape(b, s, -1)
                 for rot, t in ((q_rot, q), (k_rot, k)))
         return torch.cat([q, k, v], dim=-1)
+
+
+def rotary_dims(attn: nn.Module) -> int:
+    """R: how many leading head dims a transformers attention module rotates (partial rotary: StableLM, Phi)."""
+    return getattr(attn, "rotary_ndims", attn.head_dim)
 
 
 def _concat_linear(linears: list[nn.Linear]) -> nn.Linear:

@@ -22,7 +22,8 @@ from runtime.manifest import DecoderSpec, Manifest, PartSpec, SpecialTokens, Ten
 
 from .output_dir import check_target, staged_output
 from . import attention_lowering
-from .attention_lowering import AttentionImpl, swap_in_export_attention
+from .attention_lowering import AttentionImpl, rotary_dims, swap_in_export_attention
+from .kv_cache_int8 import KVCacheType, quantise_kv_cache
 from .moe_lowering import ExportMoE, MoEImpl, drop_scatter_reduction, swap_in_export_moe, translation_table
 from .precision import Precision
 from .parts import DecoderPart, EmbedPart, ProjectorPart, VisionPart, decoder_io_names, decoder_sample, kv_geometry
@@ -35,12 +36,14 @@ EXTERNAL_DATA_BYTES = 64 << 20
 
 def export_onnx(model: str | Path, out: str | Path, moe_impl: MoEImpl = MoEImpl.AUTO,
                 precision: Precision = Precision.FP32, vision_tower: str | None = None,
-                validate: bool = True, attention: AttentionImpl = AttentionImpl.AUTO) -> Path:
+                validate: bool = True, attention: AttentionImpl = AttentionImpl.AUTO,
+                kv_cache: KVCacheType = KVCacheType.FLOAT) -> Path:
     """Export `model` (a checkpoint dir or 'demo') into `out`; returns `out`."""
     out = Path(out)
     check_target(out)
     impl = MoEImpl(moe_impl).resolve("onnx")
     attention = AttentionImpl(attention).resolve(impl.value)
+    kv_cache = KVCacheType(kv_cache).check(attention.value)
     precision = Precision(precision)
     if precision.quantised:
         raise UserError(f"--precision {precision.value} is quantised by calibration.quantize.export_quantized "
@@ -48,6 +51,8 @@ def export_onnx(model: str | Path, out: str | Path, moe_impl: MoEImpl = MoEImpl.
     loaded = load_pretrained(model, vision_tower, dtype=precision.dtype)  # held once, in the export dtype
     with staged_output(out) as staging:
         write_export(loaded, staging, impl, precision, attention)
+        if kv_cache is KVCacheType.INT8:
+            quantise_kv_cache(staging, staging, rotary_dims(loaded.model.layers[0].self_attn))
         if validate:
             from .validate import validate_export
             validate_export(loaded, staging)

@@ -69,6 +69,10 @@ class SharedKVCache(_Cache):
     def commit(self, new_tokens: int) -> None:
         self.length += new_tokens
 
+    def cached(self) -> np.ndarray:
+        """[L,2,KVH,n,D] view of the cached positions (key, value per layer), as stored."""
+        return self._buffers[:, :, 0, :, :self.length]
+
     def keep(self, positions: int) -> None:
         """Drop every cached position after the first `positions` (a follow-up turn's shared prefix)."""
         if not 0 <= positions <= self.length:

@@ -23,6 +23,9 @@ PARTS = ("vision", "projector", "embed", "decoder")
 # attention a decoder graph carries: "unfused" = standard ops, present = concat(past, new); "fused" =
 # com.microsoft.GroupQueryAttention, past and present may share one buffer of max_positions (written in place)
 ATTENTIONS = ("unfused", "fused")
+# how the decoder stores its KV cache: "float" = the graph's float dtype; "int8" = GroupQueryAttention's quantised
+# cache (fused attention only; per-channel scales inside the graph, export/kv_cache_int8.py)
+KV_CACHES = ("float", "int8")
 DTYPES = ("float32", "float16", "int64", "int32", "int8", "uint8", "bool")
 REQUIRED_KEYS = ("format_version", "model_type", "config", "precision", "moe_impl", "template", "tokenizer",
                  "special_tokens", "image", "decoder", "parts")
@@ -111,6 +114,7 @@ class Manifest:
     source: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, Any] = field(default_factory=dict)
     attention: str = "unfused"  # exports written before the field existed carry unfused attention
+    kv_cache: str = "float"     # likewise: a float cache
 
     def path(self, part: str) -> Path:
         return self.root / self.parts[part].file
@@ -134,7 +138,7 @@ class Manifest:
         return {
             "format_version": self.format_version, "model_type": self.model_type, "config": self.config,
             "precision": self.precision, "moe_impl": self.moe_impl, "attention": self.attention,
-            "template": self.template.value,
+            "kv_cache": self.kv_cache, "template": self.template.value,
             "tokenizer": self.tokenizer, "special_tokens": vars(self.special_tokens).copy(),
             "image": self.image.to_dict(), "decoder": vars(self.decoder).copy(),
             "parts": {k: {"file": p.file, "inputs": tensors(p.inputs), "outputs": tensors(p.outputs)}
@@ -171,6 +175,12 @@ def _parse(root: Path, raw: dict[str, Any]) -> Manifest:
     if raw.get("attention", "unfused") not in ATTENTIONS:
         raise UserError(f"{where}: attention {raw['attention']!r} is not one of {list(ATTENTIONS)}; "
                         "re-export or upgrade the runtime")
+    if raw.get("kv_cache", "float") not in KV_CACHES:
+        raise UserError(f"{where}: kv_cache {raw['kv_cache']!r} is not one of {list(KV_CACHES)}; "
+                        "re-export or upgrade the runtime")
+    if raw.get("kv_cache", "float") == "int8" and raw.get("attention") != "fused":
+        raise UserError(f"{where}: an int8 KV cache needs fused attention (attention is "
+                        f"{raw.get('attention', 'unfused')!r}); re-export with --attention fused")
     templates = [t.value for t in Template]
     if raw["template"] not in templates:
         raise UserError(f"{where}: template {raw['template']!r} is not one of {templates}")
@@ -183,7 +193,7 @@ def _parse(root: Path, raw: dict[str, Any]) -> Manifest:
             decoder=DecoderSpec(**raw["decoder"]),
             parts={name: PartSpec.from_dict(raw["parts"][name]) for name in PARTS},
             source=dict(raw.get("source", {})), versions=dict(raw.get("versions", {})),
-            attention=str(raw.get("attention", "unfused")),
+            attention=str(raw.get("attention", "unfused")), kv_cache=str(raw.get("kv_cache", "float")),
         )
     except UserError as e:
         raise UserError(f"{where}: {e}") from None

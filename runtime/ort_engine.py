@@ -118,6 +118,13 @@ class OrtEngine:
     def keep(self, positions: int) -> None:
         self._decoder.keep(positions)
 
+    def cached_kv(self) -> np.ndarray:
+        """[L,2,KVH,n,D] the cached keys and values as stored (fused attention on the host: calibration reads
+        them to choose an int8 cache's scales)."""
+        if not isinstance(self._decoder, HostDecoder) or not isinstance(self._decoder.cache, SharedKVCache):
+            raise ValueError("cached_kv() reads the host cache of a fused-attention decoder")
+        return self._decoder.cache.cached()
+
     @property
     def cache_length(self) -> int:
         return self._decoder.length

@@ -51,6 +51,9 @@ def test_export_refuses_a_foreign_directory(checkpoint, tmp_path, capsys):
 @pytest.mark.parametrize("flags, words", [
     (["--moe-impl", "portable", "--attention", "fused"], ("--attention fused needs --moe-impl ort",)),
     (["--target", "tensorrt", "--attention", "fused"], ("--attention fused", "TensorRT")),
+    (["--moe-impl", "portable", "--kv-cache", "int8"], ("--kv-cache int8", "needs fused attention")),
+    (["--attention", "unfused", "--kv-cache", "int8"], ("--kv-cache int8", "needs fused attention")),
+    (["--target", "tensorrt", "--kv-cache", "int8"], ("--kv-cache int8", "TensorRT")),
 ])
 def test_fused_attention_outside_onnxruntime_is_refused(checkpoint, tmp_path, capsys, flags, words):
     out = tmp_path / "out"

@@ -237,7 +237,8 @@ def manifest_dict(models: dict, num_layers: int, precision: str, max_positions: 
                     "outputs": _tensor_specs(m.graph.output, dtype_of)} for name, m in models.items()}
     return {
         "format_version": 1, "model_type": "moe_llava_stablelm", "config": {"hidden_size": HIDDEN},
-        "precision": precision, "moe_impl": "portable", "attention": "unfused", "template": "stablelm",
+        "precision": precision, "moe_impl": "portable", "attention": "unfused", "kv_cache": "float",
+        "template": "stablelm",
         "tokenizer": "tokenizer.json",
         "special_tokens": {"bos_token_id": None, "eos_token_id": EOS, "pad_token_id": None,
                            "image_token_index": -200},

@@ -73,6 +73,8 @@ def _set(path, value):
     (_set(["image", "aspect_ratio"], "anyres"), "aspect_ratio 'anyres'"),
     (_set(["decoder", "extra"], 1), "malformed"),
     (_set(["attention"], "flash"), "attention 'flash' is not one of ['unfused', 'fused']"),
+    (_set(["kv_cache"], "fp8"), "kv_cache 'fp8' is not one of ['float', 'int8']"),
+    (_set(["kv_cache"], "int8"), "an int8 KV cache needs fused attention"),
 ])
 def test_validation_errors_are_one_clear_line(export_dir, tmp_path, edit, expected):
     assert expected in broken(export_dir, tmp_path, edit)
@@ -88,6 +90,18 @@ def test_export_without_attention_field_reads_as_unfused(export_dir, tmp_path):
     del raw["attention"]
     (out / "manifest.json").write_text(json.dumps(raw))
     assert Manifest.load(out).attention == "unfused" and Manifest.load(export_dir).attention == "unfused"
+
+
+def test_export_without_kv_cache_field_reads_as_float(export_dir, tmp_path):
+    """Exports written before manifest.kv_cache existed keep their cache in the graph's float dtype."""
+    out = tmp_path / "old"
+    out.mkdir()
+    for f in export_dir.iterdir():
+        (out / f.name).write_bytes(f.read_bytes())
+    raw = json.loads((out / "manifest.json").read_text())
+    del raw["kv_cache"]
+    (out / "manifest.json").write_text(json.dumps(raw))
+    assert Manifest.load(out).kv_cache == "float"
 
 
 def test_missing_directory_and_bad_json(tmp_path):
