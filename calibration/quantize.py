@@ -127,8 +127,9 @@ def quantize_export(fp32_dir: Path, out_dir: Path, precision: Precision | str,
 
 
 METHODS = {
-    Precision.INT8: "weight-only: MatMulNBits 8-bit (block 128, symmetric, accuracy_level 4) incl. the LM head; "
-                         "QMoE 8-bit block-wise experts; GatherBlockQuantized 8-bit embeddings; routers/norms float",
+    Precision.INT8: "weight-only: MatMulNBits 8-bit (block 32, symmetric, accuracy_level 4); LM head "
+                         "MatMulNBits 8-bit (block 128, accuracy_level 4); QMoE 8-bit (block 64, accuracy_level 4) "
+                         "experts; GatherBlockQuantized 8-bit embeddings (block 128); routers/norms float",
     Precision.INT4: "weight-only: MatMulNBits 4-bit (block 128, symmetric, accuracy_level 4); LM head "
                          "MatMulNBits 8-bit (block 128, accuracy_level 4); QMoE 4-bit (block 64, accuracy_level 4) "
                          "experts; GatherBlockQuantized 4-bit embeddings; routers/norms float",
