@@ -113,12 +113,17 @@ def _layer_filter(model: onnx.ModelProto, plan: WeightOnlyPlan):
 
 
 def matmul_nbits(model: onnx.ModelProto, names: set[str], spec: NBits) -> onnx.ModelProto:
-    """MatMulNBits for the nodes `names` (their Gemms rewritten to MatMul first)."""
+    """MatMulNBits for the nodes `names` (their Gemms rewritten to MatMul first), every other MatMul left as is.
+
+    Every other MatMul is passed as excluded: the quantizer's nodes_to_include only adds nodes to its op-type
+    match (onnxruntime 1.32), so on its own it would quantise every weight MatMul - routers and an LM head
+    exported as MatMul included - at this group's setting."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
     gemm_to_matmul(model, skip={n.name for n in model.graph.node if n.name not in names})
+    others = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in names]
     with quiet_quantizer():
         quantizer = MatMulNBitsQuantizer(model, bits=spec.bits, block_size=spec.block_size, is_symmetric=True,
-                                         accuracy_level=spec.accuracy_level or None, nodes_to_include=sorted(names),
+                                         accuracy_level=spec.accuracy_level or None, nodes_to_exclude=others,
                                          op_types_to_quantize=("MatMul",))
         quantizer.process()
     return quantizer.model.model
