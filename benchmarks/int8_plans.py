@@ -4,7 +4,8 @@
     python benchmarks/int8_plans.py roles --model demo --fp32-export DIR [--json F]
     python benchmarks/int8_plans.py speed --fp32-export DIR [--plans b128,b32] [--rounds 15] [--out D] [--json F]
 
-Each plan (PLANS below) quantises every part of the fp32 export with calibration/weight_only.py.
+Each plan (PLANS below) quantises every part of the fp32 export (or each part its own way) with
+calibration/weight_only.py; "shipped" is PLANS["int8"] there.
 
 accuracy: against PyTorch fp32 on export.validate's validation samples (8 image + prompt pairs, 16 new
 tokens - what validation.json counts):
@@ -42,16 +43,19 @@ from calibration.weight_only import PLANS as SHIPPED, NBits, WeightOnlyPlan  # n
 PARTS = ("vision", "projector", "embed", "decoder")
 
 
-def _plan(dense: int, head: int | None, experts: int, level: int = 4) -> WeightOnlyPlan:
-    return WeightOnlyPlan(dense=NBits(8, dense, level), head=head and NBits(8, head, level), expert_bits=8,
-                          embedding_bits=8, expert_block=experts)
+def _plan(dense: int, head: int | None, experts: int) -> WeightOnlyPlan:
+    return WeightOnlyPlan(dense=NBits(8, dense), head=head and NBits(8, head), expert_bits=8, embedding_bits=8,
+                          expert_block=experts)
 
 
-# name -> plan: dense MatMulNBits block, LM head block (None: float), QMoE experts block
+# name -> plan: dense MatMulNBits block, LM head block (None: float), QMoE experts block; v32-d64: the vision
+# tower and projector at 32, the decoder's dense MatMuls at 64
 PLANS = {"b128": _plan(128, 128, 128), "b64": _plan(64, 64, 64), "b32": _plan(32, 32, 32),
          "d32-h128-e64": _plan(32, 128, 64), "d32-h128-e128": _plan(32, 128, 128),
          "d128-h128-e32": _plan(128, 128, 32), "d64-h128-e64": _plan(64, 128, 64),
          "d32-h128-e32": _plan(32, 128, 32),
+         "v32-d64-h128-e64": {"vision": _plan(32, 128, 64), "projector": _plan(32, 128, 64),
+                              "embed": _plan(32, 128, 64), "decoder": _plan(64, 128, 64)},
          "b32-head-float": _plan(32, None, 32), "shipped": SHIPPED["int8"]}
 
 

@@ -23,8 +23,10 @@ expert quantisation to some decoder layers (decoder_layers in graph.py; benchmar
 The LM head is 8 bit, block 128, in both precisions: in 4 bit it alone cut the demo model's greedy agreement
 to 0.469, and 8 bit at accuracy_level 4 is 5x faster than the fp32 head (0.18 vs 0.99 ms above). At the
 released vocab (100352 x 2048) it is 205 MB per token instead of 103 MB in 4 bit: PLANS["int4"].head is the
-knob. int8's other weights use block 32: on the demo model it cuts how far int8 moves PyTorch's near-ties by
-a quarter (benchmarks/int8_plans.py), at no measured decode cost (`small` preset, README).
+knob. int8's other weights use block 32 (experts 64): on the demo model it cuts how far int8 moves PyTorch's
+top-2 logit margins by a quarter (benchmarks/int8_plans.py); decode stays >= 2x fp32 on the `small` preset
+and 3x on 300m, prefill goes from ~0.8x fp32's time to ~0.9x (block 32 MatMulNBits at many rows is slower
+than fp32 SGEMM).
 """
 from __future__ import annotations
 
@@ -62,11 +64,10 @@ PLANS = {
     # int8: dense MatMuls (vision tower, projector, decoder attention / dense FFN) at block 32, experts at
     # block 64, the LM head at block 128. Demo model, one role at a time (benchmarks/int8_plans.py roles):
     # mean change of PyTorch's top-2 logit margin at block 128 -> 32: vision 0.0094 -> 0.0064, decoder dense
-    # 0.0072 -> 0.0052, experts 0.0049 -> 0.0036, LM head 0.0097 -> 0.0093 (a third of the head's error is the
-    # kernel's int8 activations - 0.0068 with float ones, 100x slower at 8 bit - and block 32 would double
-    # its time at the released vocab). Whole plan: 0.0176 (block 128 everywhere; greedy 0.865) -> 0.0137
-    # (greedy 1.000). Experts at 64, not 32 (0.0043 vs 0.0036 alone): 32 made prefill as slow as fp32's
-    # (`small` 0.95-1.06x, 300m 1.01x), 64 keeps it faster (0.90-0.95x, 0.86-0.88x); README, Quantised exports.
+    # 0.0072 -> 0.0052, experts 0.0049 -> 0.0036, LM head 0.0067 -> 0.0064 (no block helps the head, and 32
+    # would double its time at the released vocab). Whole plan: 0.0176 (block 128 everywhere; greedy 0.865)
+    # -> 0.0137 (greedy 1.000). Experts at 64, not 32 (0.0043 vs 0.0036 alone): 32 brought prefill to fp32's
+    # or above (`small` 0.95-1.06x), 64 keeps it under (0.90-0.95x; 300m 0.86-0.88x); README, Quantised exports.
     "int8": WeightOnlyPlan(dense=NBits(8, 32), head=EIGHT_BIT, expert_bits=8, embedding_bits=8, expert_block=64),
     # int4: block 128 and an 8-bit LM head. Demo model, greedy agreement (plain) / logit cosine / size:
     # 4/32 + head 4/32: 0.570 / 0.99972 / 2.25 MB; 4/32 + head 8: 0.598 / 0.99994 / 2.28 MB;
