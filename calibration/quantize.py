@@ -5,7 +5,8 @@
 
 No calibration data: weights are rounded to nearest, so int8/int4 exports are deterministic. (A calibrated
 static Q/DQ int8 - per-tensor uint8 activations - was measured against it and removed: demo model greedy
-agreement 0.754 vs 0.865, same decode speed; see README. Calibration stays for --target tensorrt, ModelOpt.)
+agreement 0.754 vs weight-only's 0.865 at block 128, same decode speed; see README. Calibration stays for
+--target tensorrt, ModelOpt.)
 
 Everything is assembled in a staging directory next to `out` (export.output_dir.staged_output, as for
 export_onnx) and moved into place only after validation passed; the fp32 graphs live in a second
