@@ -6,10 +6,11 @@ ModelOpt Q/DQ for TensorRT, accuracy reports.
   calibset.py     samples through the PyTorch model; coverage-driven selection
   readers.py      calibration tensors per exported part (ModelOpt arrays)
   graph.py        ONNX passes: routers, weight nodes, folding, float inputs
-  blockwise.py    block-wise weight quantisation (QMoE / GatherBlockQuantized layout)
+  blockwise.py    block-wise weight quantisation (MatMulNBits / QMoE / GatherBlockQuantized layout)
+  tensor_io.py    one initializer at a time: external-data reads and writes (parts of any size)
   qmoe.py         com.microsoft.MoE -> QMoE;  embedding.py  Gather -> GatherBlockQuantized
   weight_only.py  int8 / int4 weight-only plans (MatMulNBits, QMoE, GatherBlockQuantized) for one part
-  part_io.py      load / save one part, PartReport
+  part_io.py      load / save one part (streamed or whole), PartReport
   quantize.py     export_quantized (moe-export --precision int8|int4|fp8, onnx target)
   modelopt_qdq.py ModelOpt int8 / fp8 / int4_awq Q/DQ (TensorRT target)
   tensorrt_quantised.py  moe-export --target tensorrt: export.tensorrt_build with the Q/DQ graphs above

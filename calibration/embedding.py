@@ -8,27 +8,28 @@ graph at its opset (no int4 tensor type needed).
 from __future__ import annotations
 
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
-from .blockwise import BlockQuant, block_for, quantize
-from .graph import drop_unused_initializers, initializers
+from .blockwise import BlockQuant, block_for
+from .graph import drop_unused_initializers
+from .tensor_io import TensorIO
 
 
-def quantize_embeddings(model: onnx.ModelProto, bits: int) -> int:
+def quantize_embeddings(model: onnx.ModelProto, bits: int, io: TensorIO | None = None) -> int:
     """Gather(table [V,H] initializer, ids) -> GatherBlockQuantized; returns how many tables."""
-    inits, count = initializers(model), 0
+    io, count = io or TensorIO(model), 0
     for i, node in enumerate(model.graph.node):
-        table = inits.get(node.input[0]) if node.op_type == "Gather" else None
+        table = node.input[0] if node.op_type == "Gather" and node.input[0] in io else None
         axis = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), 0)
-        if table is None or len(table.dims) != 2 or axis != 0:
+        if table is None or len(io.shape(table)) != 2 or axis != 0:
             continue
-        block = block_for([table.dims[1]], bits)
+        block = block_for([io.shape(table)[1]], bits)
         if block is None:
             continue
-        codes, scales = quantize(numpy_helper.to_array(table), BlockQuant(bits, block))
-        base = f"{table.name}.q{bits}"
-        model.graph.initializer.extend([numpy_helper.from_array(codes, base),
-                                        numpy_helper.from_array(scales, base + ".scales")])
+        codes, scales = io.quantize(table, BlockQuant(bits, block))
+        base = f"{table}.q{bits}"
+        io.add(base, codes)
+        io.add(base + ".scales", scales)
         model.graph.node[i].CopyFrom(helper.make_node(
             "GatherBlockQuantized", [base, node.input[1], base + ".scales"], list(node.output),
             name=node.name, domain="com.microsoft", bits=bits, block_size=block, gather_axis=0, quantize_axis=1))

@@ -69,29 +69,29 @@ def decoder_layers(model: onnx.ModelProto) -> dict[str, int]:
     return found
 
 
-def _constant_value(name: str, inits: dict, constants: dict) -> np.ndarray | None:
-    if name in constants:
-        return constants[name]
-    return numpy_helper.to_array(inits[name]) if name in inits else None
-
-
-def fold_constant_weights(model: onnx.ModelProto) -> int:
-    """Fold Gather(const, const) / Transpose(const) chains into initializers; returns nodes folded."""
-    inits, folded, kept = initializers(model), {}, []
+def fold_constant_weights(model: onnx.ModelProto, io=None) -> int:
+    """Fold Gather(const, const) / Transpose(const) chains into initializers; returns nodes folded. `io`
+    (tensor_io.TensorIO) reads and writes the weights; default: in the proto."""
+    from .tensor_io import TensorIO
+    io = io or TensorIO(model)
+    folded, kept = {}, []
     for node in model.graph.node:
-        values = [_constant_value(i, inits, folded) for i in node.input]
-        if node.op_type in ("Gather", "Transpose") and values and all(v is not None for v in values):
-            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-            if node.op_type == "Gather":
-                folded[node.output[0]] = np.take(values[0], values[1], axis=attrs.get("axis", 0))
-            else:
-                folded[node.output[0]] = np.transpose(values[0], attrs.get("perm"))
+        foldable = node.op_type in ("Gather", "Transpose") and node.input and \
+            all(i in folded or i in io for i in node.input)
+        if not foldable:
+            kept.append(node)
             continue
-        kept.append(node)
+        values = [folded[i] if i in folded else io.read(i) for i in node.input]
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if node.op_type == "Gather":
+            folded[node.output[0]] = np.take(values[0], values[1], axis=attrs.get("axis", 0))
+        else:
+            folded[node.output[0]] = np.transpose(values[0], attrs.get("perm"))
     if folded:
         used = {i for n in kept for i in n.input} | {o.name for o in model.graph.output}
-        model.graph.initializer.extend(numpy_helper.from_array(np.ascontiguousarray(v), k)
-                                       for k, v in folded.items() if k in used)
+        for name, value in folded.items():
+            if name in used:
+                io.add(name, value)
         del model.graph.node[:]
         model.graph.node.extend(kept)
         drop_unused_initializers(model)

@@ -1,8 +1,6 @@
 """Reading and writing one exported part around a quantiser, and what each quantiser reports about it."""
 from __future__ import annotations
 
-import contextlib
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,13 +37,18 @@ def save(model: onnx.ModelProto, path: Path) -> None:
     onnx.save(model, str(path), save_as_external_data=big, location=path.name + ".data" if big else None)
 
 
-@contextlib.contextmanager
-def quiet_quantizer():
-    """onnxruntime.quantization logs every skipped node at INFO/WARNING; keep the CLI readable."""
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        root.setLevel(level)
+def finish_streamed(model: onnx.ModelProto, io, dst: Path) -> None:
+    """Write a part quantised through tensor_io.TensorIO (writing `dst`.data as it went): unused initializers
+    dropped, the kept external ones copied over, then the graph; a part whose weights stay under
+    EXTERNAL_DATA_BYTES is folded back into one file, as `save` writes it."""
+    from onnx.external_data_helper import load_external_data_for_model
+    if any(n.domain == "com.microsoft" for n in model.graph.node) and \
+            not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    external = io.finish()
+    data = dst.with_name(dst.name + ".data")
+    if external + weight_bytes(model) <= EXTERNAL_DATA_BYTES:
+        if external:
+            load_external_data_for_model(model, str(dst.parent))
+        data.unlink(missing_ok=True)
+    onnx.save(model, str(dst))

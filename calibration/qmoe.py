@@ -20,10 +20,11 @@ Kernel choice on CPU (onnxruntime 1.32), measured at H=1024, I=2816, E=4, k=2 on
 from __future__ import annotations
 
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
-from .blockwise import BlockQuant, block_for, quantize
+from .blockwise import BlockQuant, block_for
 from .graph import drop_unused_initializers
+from .tensor_io import TensorIO
 
 MOE_DOMAIN = "com.microsoft"
 # attributes of the MoE node that QMoE takes over unchanged
@@ -50,22 +51,23 @@ def moe_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
 
 
 def quantize_moe_experts(model: onnx.ModelProto, bits: int, block_size: int | None | str = "auto",
-                         accuracy_level: int = 0, fc1_names: set[str] | None = None) -> int:
+                         accuracy_level: int = 0, fc1_names: set[str] | None = None, io: TensorIO | None = None) -> int:
     """Replace every com.microsoft.MoE node by a QMoE node (in place); returns how many were replaced.
 
     block_size "auto": blockwise.block_for(H, I), as is a block that does not divide H and I; None: one scale
     per row. accuracy_level 4 lets 4-bit
     experts use int8 activations (8-bit block-wise experts always do). A node whose widths fit no block keeps
-    its float experts; with `fc1_names`, only the nodes whose fc1 weight is named there are replaced.
+    its float experts; with `fc1_names`, only the nodes whose fc1 weight is named there are replaced. `io`
+    reads and writes the weights one tensor at a time (tensor_io.py; default: in the proto).
     """
-    inits = {i.name: i for i in model.graph.initializer}
+    io = io or TensorIO(model)
     done: dict[str, tuple[str, str]] = {}  # shared weight initializers are quantised once
     replaced = 0
     for node in moe_nodes(model):
         fc1, fc2 = node.input[2], node.input[4]
-        if fc1 not in inits or fc2 not in inits or (fc1_names is not None and fc1 not in fc1_names):
+        if fc1 not in io or fc2 not in io or (fc1_names is not None and fc1 not in fc1_names):
             continue
-        widths = [inits[fc1].dims[-1], inits[fc2].dims[-1]]
+        widths = [io.shape(fc1)[-1], io.shape(fc2)[-1]]
         fits = block_size is None or (block_size != "auto" and all(w % block_size == 0 for w in widths))
         block = block_size if fits else block_for(widths, bits)
         if block is None and not fits:
@@ -74,10 +76,10 @@ def quantize_moe_experts(model: onnx.ModelProto, bits: int, block_size: int | No
         names = {}
         for key, weight in (("fc1", fc1), ("fc2", fc2)):
             if weight not in done:
-                codes, scales = quantize(numpy_helper.to_array(inits[weight]), spec)
+                codes, scales = io.quantize(weight, spec)
                 base = f"{weight}.q{spec.bits}"
-                model.graph.initializer.extend([numpy_helper.from_array(codes, base),
-                                                numpy_helper.from_array(scales, base + ".scales")])
+                io.add(base, codes)
+                io.add(base + ".scales", scales)
                 done[weight] = (base, base + ".scales")
             names[key], names[key + "_scales"] = done[weight]
         position = list(model.graph.node).index(node)

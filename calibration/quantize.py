@@ -1,6 +1,7 @@
 """`moe-export --precision int8|int4|fp8` for the onnx target: a quantised export directory.
 
-    checkpoint --write_export--> fp32 graphs (staging) --weight-only (weight_only.py)-->
+    checkpoint --write_export--> fp32 graphs (staging; 16-bit weights + Cast from a 16-bit checkpoint)
+               --weight-only, one tensor at a time (weight_only.py, tensor_io.py)-->
     int8: MatMulNBits 8 bit + QMoE 8 bit | int4: MatMulNBits 4 bit + QMoE 4 bit  --validate vs PyTorch fp32--> out
 
 No calibration data: weights are rounded to nearest, so int8/int4 exports are deterministic. (A calibrated
@@ -61,28 +62,22 @@ def export_quantized(model: str | Path, out: str | Path, moe_impl="auto", precis
         raise UserError("--moe-impl plugin graphs need TensorRT: quantise them with --target tensorrt (ModelOpt); "
                         "for onnxruntime use --moe-impl ort or portable")
     attention = AttentionImpl(attention).resolve(impl.value)
-    loaded = load_pretrained(model, vision_tower)
     if impl is MoEImpl.PLUGIN:  # INT4 weight-only graphs for TensorRT (plugin INT4 experts), no calibration
         from .trt_int4_export import export_int4_for_tensorrt
-        return export_int4_for_tensorrt(loaded, out, validate, synthetic, pope_per_split)
+        return export_int4_for_tensorrt(load_pretrained(model, vision_tower), out, validate, synthetic,
+                                        pope_per_split)
+    # fp32 compute from the checkpoint's own 16-bit weights (moe_llava/upcast.py): the graphs are traced with
+    # fp16 initializers + Cast, which the streamed quantiser reads through, and the same model is the fp32
+    # reference of validation - a released StableLM-1.6B-4e is held once, in 6.4 GB, from start to end
+    loaded = load_pretrained(model, vision_tower, keep_stored=True)
     with staged_output(out) as staging, tempfile.TemporaryDirectory(prefix=f".{out.name}.fp32.",
                                                                      dir=out.parent) as fp32_dir:
         write_export(loaded, Path(fp32_dir), impl, Precision.FP32, attention)
-        loaded = _without_weights(loaded)  # weight-only: PyTorch sits idle while quantising (12.8 GB at size)
         quantize_export(Path(fp32_dir), staging, p)
         if validate:
-            loaded = loaded if loaded.model is not None else load_pretrained(model, vision_tower)
             from .validation import validate_quantized
             validate_quantized(loaded, staging, synthetic=synthetic, pope_per_split=pope_per_split)
     return out
-
-
-def _without_weights(loaded):
-    import dataclasses
-    import gc
-    loaded = dataclasses.replace(loaded, model=None)
-    gc.collect()
-    return loaded
 
 
 def calibration_set(loaded, calib_data: str | Path | None = None, min_tokens: int = 32,

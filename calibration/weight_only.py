@@ -34,11 +34,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
+from onnx import helper
 
+from .blockwise import BlockQuant
 from .embedding import quantize_embeddings
-from .graph import decoder_layers, fold_constant_weights, gemm_to_matmul, output_heads, router_nodes, weight_nodes
-from .part_io import PartReport, load, quiet_quantizer, save
+from .graph import decoder_layers, fold_constant_weights, output_heads, router_nodes, weight_nodes
+from .part_io import PartReport, finish_streamed
 from .qmoe import moe_nodes, quantize_moe_experts
+from .tensor_io import TensorIO
 
 
 @dataclass(frozen=True)
@@ -79,18 +82,24 @@ PLANS = {
 
 
 def quantize_weight_only(src: Path, dst: Path, plan: WeightOnlyPlan) -> PartReport:
-    """Quantise the part `src` by `plan` into `dst`; routers stay float."""
-    model = load(src)
-    fold_constant_weights(model)
+    """Quantise the part `src` by `plan` into `dst`; routers stay float.
+
+    Streamed (tensor_io.py): the graph is read without its weights and each weight is read, quantised and
+    written on its own, so the peak is about one float tensor, not the part (12.8 GB for a released decoder)."""
+    model = onnx.load(str(src), load_external_data=False)
+    io = TensorIO(model, source_dir=src.parent, data_path=dst.with_name(dst.name + ".data"),
+                  progress=f"quantising {src.stem}")
+    io.absorb_casts()
+    fold_constant_weights(model, io)
     routers = {n.name for n in router_nodes(model)}
     groups = assign(model, plan)
     report = PartReport(quantized_nodes=sum(map(len, groups.values())), float_nodes=sorted(routers))
     for spec, names in groups.items():
-        model = matmul_nbits(model, names, spec)
-    report.moe_nodes, report.moe_float = quantize_experts(model, plan)
+        matmul_nbits(model, names, spec, io)
+    report.moe_nodes, report.moe_float = quantize_experts(model, plan, io)
     if plan.embedding_bits:
-        report.embeddings = quantize_embeddings(model, bits=plan.embedding_bits)
-    save(model, dst)
+        report.embeddings = quantize_embeddings(model, bits=plan.embedding_bits, io=io)
+    finish_streamed(model, io, dst)
     return report
 
 
@@ -113,28 +122,68 @@ def _layer_filter(model: onnx.ModelProto, plan: WeightOnlyPlan):
     return lambda node: layer.get(node.name) in plan.layers
 
 
-def matmul_nbits(model: onnx.ModelProto, names: set[str], spec: NBits) -> onnx.ModelProto:
-    """MatMulNBits for the nodes `names` (their Gemms rewritten to MatMul first), every other MatMul left as is.
+def matmul_nbits(model: onnx.ModelProto, names: set[str], spec: NBits, io: TensorIO) -> int:
+    """com.microsoft.MatMulNBits for the MatMul / Gemm nodes `names` (in place); returns how many.
 
-    Every other MatMul is passed as excluded: the quantizer's nodes_to_include only adds nodes to its op-type
-    match (onnxruntime 1.32), so on its own it would quantise every weight MatMul - routers and an LM head
-    exported as MatMul included - at this group's setting."""
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-    gemm_to_matmul(model, skip={n.name for n in model.graph.node if n.name not in names})
-    others = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in names]
-    with quiet_quantizer():
-        quantizer = MatMulNBitsQuantizer(model, bits=spec.bits, block_size=spec.block_size, is_symmetric=True,
-                                         accuracy_level=spec.accuracy_level or None, nodes_to_exclude=others,
-                                         op_types_to_quantize=("MatMul",))
-        quantizer.process()
-    return quantizer.model.model
+    B = the weight's block-wise codes [N, K/block, block*bits/8], scales [N, K/block], no zero points (the
+    op's default centre 2^(bits-1)): bit for bit what onnxruntime's MatMulNBitsQuantizer writes with
+    is_symmetric=True, K padded to whole blocks (tests/calibration/test_weight_streaming.py). A Gemm's bias
+    becomes an Add."""
+    nodes, count = [], 0
+    for node in model.graph.node:
+        plain = node.name in names and _plain_product(node) and node.input[1] in io
+        k, n = _k_n(node, io.shape(node.input[1])) if plain else (0, 0)
+        if not plain:
+            nodes.append(node)
+            continue
+        nodes.extend(_nbits_nodes(node, k, n, spec, io))
+        count += 1
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return count
 
 
-def quantize_experts(model: onnx.ModelProto, plan: WeightOnlyPlan) -> tuple[int, int]:
+def _plain_product(node: onnx.NodeProto) -> bool:
+    """MatMul, or Gemm computing A @ op(B) + C with alpha = beta = 1 and A untransposed."""
+    if node.op_type == "MatMul":
+        return True
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    return node.op_type == "Gemm" and attrs.get("alpha", 1.0) == 1.0 and attrs.get("beta", 1.0) == 1.0 \
+        and not attrs.get("transA", 0)
+
+
+def _transposed(node: onnx.NodeProto) -> bool:
+    """True when the weight is stored [N, K] (Gemm transB=1), False for [K, N]."""
+    return node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute)
+
+
+def _k_n(node: onnx.NodeProto, shape: tuple[int, ...]) -> tuple[int, int]:
+    return (shape[1], shape[0]) if _transposed(node) else (shape[0], shape[1])
+
+
+def _nbits_nodes(node: onnx.NodeProto, k: int, n: int, spec: NBits, io: TensorIO) -> list[onnx.NodeProto]:
+    weight = node.input[1]
+    codes, scales = io.quantize(weight, BlockQuant(spec.bits, spec.block_size), k_first=not _transposed(node))
+    base = f"{weight}.q{spec.bits}"
+    io.add(base, codes.reshape(n, -(-k // spec.block_size), -1))
+    io.add(base + ".scales", scales)
+    bias = node.input[2] if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2] else None
+    out = node.output[0] + "_nbits" if bias else node.output[0]
+    attrs = dict(K=k, N=n, bits=spec.bits, block_size=spec.block_size)
+    if spec.accuracy_level:
+        attrs["accuracy_level"] = spec.accuracy_level
+    made = [helper.make_node("MatMulNBits", [node.input[0], base, base + ".scales"], [out], name=node.name,
+                             domain="com.microsoft", **attrs)]
+    if bias:
+        made.append(helper.make_node("Add", [out, bias], [node.output[0]], name=node.name + "/bias"))
+    return made
+
+
+def quantize_experts(model: onnx.ModelProto, plan: WeightOnlyPlan, io: TensorIO) -> tuple[int, int]:
     """(QMoE nodes, MoE nodes left float)."""
     in_scope = _layer_filter(model, plan)
     nodes = moe_nodes(model)
     chosen = {n.input[2] for n in nodes if in_scope(n)}
-    done = quantize_moe_experts(model, plan.expert_bits, plan.expert_block, accuracy_level=4, fc1_names=chosen) \
-        if plan.expert_bits and chosen else 0
+    done = quantize_moe_experts(model, plan.expert_bits, plan.expert_block, accuracy_level=4, fc1_names=chosen,
+                                io=io) if plan.expert_bits and chosen else 0
     return done, len(nodes) - done

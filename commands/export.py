@@ -29,6 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: synthetic set)")
     q.add_argument("--calib-min-tokens", type=int, default=32,
                    help="add calibration samples until every expert of every MoE layer saw this many tokens")
+    q.add_argument("--pope-per-split", type=int, default=None, metavar="N",
+                   help="quantised exports: held-out POPE probes per split for the F1-drop check (default 100; "
+                        "0 skips it - at a released model's size on a CPU each probe takes seconds)")
     t = p.add_argument_group("tensorrt")
     t.add_argument("--from-onnx", help="build engines from an ONNX export directory (no torch needed)")
     t.add_argument("--plugin", help="path of libmoe_llava_plugin.so (default: look next to the package)")
@@ -77,7 +80,8 @@ def main(args: argparse.Namespace) -> int:
             raise UserError("--calib-data is read by --target tensorrt only: onnx int8/int4 exports are weight-only "
                             "and need no calibration data (drop --calib-data)")
         out = export_quantized(args.model, args.out, args.moe_impl, args.precision, args.vision_tower,
-                               validate=not args.no_validate, attention=args.attention)
+                               validate=not args.no_validate, attention=args.attention,
+                               pope_per_split=args.pope_per_split)
     else:
         from export.onnx_export import export_onnx
         out = export_onnx(args.model, args.out, args.moe_impl, args.precision, args.vision_tower,

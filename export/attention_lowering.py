@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from runtime.errors import UserError
+from moe_llava.upcast import compute_dtype, compute_in, stored
 
 from .contrib_schema import register_schema
 
@@ -168,23 +169,25 @@ class ExportAttention(nn.Module):
 
 
 def _concat_linear(linears: list[nn.Linear]) -> nn.Linear:
-    """One Linear whose output is the given Linears' outputs side by side (biases zero where absent)."""
-    weights = [lin.weight for lin in linears]
+    """One Linear whose output is the given Linears' outputs side by side (biases zero where absent), stored
+    and computed as they are (upcast.py)."""
+    weights = [stored(lin, "weight") for lin in linears]
     has_bias = any(lin.bias is not None for lin in linears)
     fused = nn.Linear(weights[0].shape[1], sum(w.shape[0] for w in weights), bias=has_bias,
                       dtype=weights[0].dtype)
     with torch.no_grad():
         fused.weight.copy_(torch.cat(weights))                                  # [(NH+2KVH)*D,H]
         if has_bias:
-            fused.bias.copy_(torch.cat([lin.bias if lin.bias is not None else torch.zeros(w.shape[0], dtype=w.dtype)
+            fused.bias.copy_(torch.cat([stored(lin, "bias") if lin.bias is not None
+                                        else torch.zeros(w.shape[0], dtype=w.dtype)
                                         for lin, w in zip(linears, weights)]))
-    return fused
+    return compute_in(fused, compute_dtype(linears[0]))
 
 
 def rotary_caches(lm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin [M,R/2] from the model's own rotary module, M = its context length (max_position_embeddings)."""
     positions = torch.arange(lm.config.max_position_embeddings)[None]          # [1,M]
-    probe = torch.zeros(1, dtype=lm.dtype)
+    probe = torch.zeros(1, dtype=compute_dtype(lm))
     with torch.no_grad():
         cos, sin = lm.model.rotary_emb(probe, position_ids=positions)           # [1,M,R] halves repeated
     half = cos.shape[-1] // 2

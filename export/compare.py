@@ -24,6 +24,7 @@ from PIL import Image
 from moe_llava.inference import pipeline_for
 from moe_llava.loading import LoadedModel
 from moe_llava.torch_engine import TorchEngine
+from moe_llava.upcast import compute_dtype
 from runtime.errors import UserError
 from runtime.generation import Pipeline
 from runtime.manifest import Manifest
@@ -81,7 +82,7 @@ def part_errors(loaded: LoadedModel, directory: Path, pixels: np.ndarray, tol: T
     manifest = Manifest.load(directory)
     model = loaded.model
     dtype = manifest.parts["vision"].input("pixel_values").np_dtype
-    ref = next(model.parameters()).dtype  # the reference runs in the dtype it was loaded in (fp16 exports: fp16)
+    ref = compute_dtype(model)  # the reference runs in the dtype it was loaded in (fp16 exports: fp16)
     with torch.inference_mode():
         features = model.vision_tower(torch.from_numpy(pixels).to(ref)).float().numpy()
         embeds = model.projector(torch.from_numpy(features).to(ref)).float().numpy()

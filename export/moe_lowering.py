@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from moe_llava.moe import Activation, MoELayer
+from moe_llava.upcast import stored
 
 from .contrib_schema import register_schema
 
@@ -81,34 +82,38 @@ class ExportMoE(nn.Module):
         # com.microsoft.MoE wants SwiGLU rows interleaved; done once here, not in the graph
         self.interleaved = impl is MoEImpl.ORT and moe.activation is Activation.SWIGLU
         self.router = moe.router
-        dtype = moe.fc1_weight.dtype
-        e, f, h = moe.fc1_weight.shape
-        self.register_buffer("fc1", moe.fc1_weight.detach(), persistent=False)
-        self.register_buffer("fc2", moe.fc2_weight.detach(), persistent=False)
+        # the weights as stored (16-bit when the model computes in fp32 from a 16-bit checkpoint, upcast.py):
+        # the graph then casts them, and the traced model holds no fp32 copy of the experts
+        fc1, fc2 = stored(moe, "fc1_weight"), stored(moe, "fc2_weight")
+        dtype = fc1.dtype
+        e, f, h = fc1.shape
+        self.register_buffer("fc1", fc1.detach(), persistent=False)
+        self.register_buffer("fc2", fc2.detach(), persistent=False)
         zeros = lambda *shape: torch.zeros(*shape, dtype=dtype)  # noqa: E731 - plugin wants biases present
-        self.register_buffer("fc1_bias", moe.fc1_bias.detach() if moe.fc1_bias is not None else zeros(e, f),
-                             persistent=False)
-        self.register_buffer("fc2_bias", moe.fc2_bias.detach() if moe.fc2_bias is not None else zeros(e, h),
-                             persistent=False)
+        self.register_buffer("fc1_bias", stored(moe, "fc1_bias").detach() if moe.fc1_bias is not None
+                             else zeros(e, f), persistent=False)
+        self.register_buffer("fc2_bias", stored(moe, "fc2_bias").detach() if moe.fc2_bias is not None
+                             else zeros(e, h), persistent=False)
         self.__dict__["source"] = moe  # not a submodule: its parameters must not enter the graph twice
         if self.interleaved:  # in place (one layer's temporary at a time), undone by `restore`: copies of
             with torch.no_grad():  # every layer's fc1 would add 4.4 GB at the released size in fp32
-                moe.fc1_weight.copy_(interleave_rows(moe.fc1_weight))
+                fc1.copy_(interleave_rows(fc1))
             self.fc1_bias = interleave_rows(self.fc1_bias)
 
     def restore(self) -> None:
         """Give the MoELayer back its [gate; up] row order (once; this stand-in is done with after)."""
         if self.interleaved and not self.__dict__.get("restored"):
             with torch.no_grad():
-                self.source.fc1_weight.copy_(deinterleave_rows(self.source.fc1_weight))
+                fc1 = stored(self.source, "fc1_weight")
+                fc1.copy_(deinterleave_rows(fc1))
             self.__dict__["restored"] = True
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])                                # [T,H]
         logits = self.router(x.float())                                         # [T,E] fp32
-        y = moe_op(x, logits, self.fc1, self.fc1_bias, self.fc2, self.fc2_bias, self.top_k, self.activation,
-                   self.interleaved)
+        fc1, fc1_bias, fc2, fc2_bias = (t.to(x.dtype) for t in (self.fc1, self.fc1_bias, self.fc2, self.fc2_bias))
+        y = moe_op(x, logits, fc1, fc1_bias, fc2, fc2_bias, self.top_k, self.activation, self.interleaved)
         return y.reshape(shape)
 
 

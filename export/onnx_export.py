@@ -16,6 +16,7 @@ import torch
 from tqdm import tqdm
 
 from moe_llava.loading import LoadedModel, checkpoint_digest, load_pretrained
+from moe_llava.upcast import compute_dtype
 from runtime.errors import UserError
 from runtime.manifest import DecoderSpec, Manifest, PartSpec, SpecialTokens, TensorSpec
 
@@ -80,7 +81,7 @@ def _export_view(model, impl: MoEImpl, precision: Precision, attention: Attentio
     """`model` with its MoE layers (and, for fused attention, its attention modules) swapped for the lowerings'
     ops while the graphs are traced, then restored."""
     from moe_llava.moe import MoELayer
-    if next(model.language_model.parameters()).dtype != precision.dtype:
+    if compute_dtype(model.language_model) != precision.dtype:
         model.to_dtype(precision.dtype)
     model.eval()
     originals = [(parent, name, child) for parent in model.modules()

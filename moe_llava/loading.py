@@ -85,21 +85,30 @@ def resolve_dtype(choice: str | torch.dtype, stored: torch.dtype) -> torch.dtype
 
 
 def load_pretrained(name: str | Path, vision_tower: str | None = None,
-                    dtype: str | torch.dtype = "auto") -> LoadedModel:
-    """Built with meta parameters, then filled tensor by tensor from the files in the compute dtype."""
+                    dtype: str | torch.dtype = "auto", keep_stored: bool = False) -> LoadedModel:
+    """Built with meta parameters, then filled tensor by tensor from the files in the compute dtype.
+
+    keep_stored: weights stay in the checkpoint's own 16-bit dtype and are cast to `dtype` as each layer runs
+    (upcast.py): the same outputs as a `dtype` load in the memory of the files (validation references)."""
     from .materialise import materialise, parameters_on_meta
+    from .upcast import compute_in
     directory = resolve_model_dir(name)
     config = MoELlavaConfig.from_json(directory / "config.json")
     with WeightFiles(directory) as files:
         dtype = resolve_dtype(dtype, files.stored_dtype())
+        storage = files.stored_dtype() if keep_stored and files.stored_dtype().itemsize < dtype.itemsize else dtype
         with parameters_on_meta():
             model, tower_dir = build_model(config, vision_tower, directory)
         if tower_dir is not None:  # a separate tower directory: small, built and loaded the plain way
             model.vision_tower = VisionTower(model.vision_tower.spec, config.mm_vision_select_layer,
                                              config.mm_vision_select_feature)
             load_tower_weights(model.vision_tower, tower_dir)
-        materialise(model, files, dtype, tower_from_checkpoint=tower_dir is None)
-    model.to_dtype(dtype).eval()
+        materialise(model, files, storage, tower_from_checkpoint=tower_dir is None)
+    if storage == dtype:
+        model.to_dtype(dtype)
+    else:  # buffers (rotary frequencies) stay as built, in fp32
+        compute_in(model, dtype)
+    model.eval()
     tokenizer = load_tokenizer(directory)
     processor = HFImageProcessor(model.vision_tower.spec.processor, config.image_aspect_ratio)
     eos, bos = special_token_ids(config, tokenizer)

@@ -7,6 +7,7 @@ import torch
 from transformers import DynamicCache
 
 from .model import MoELlavaForCausalLM
+from .upcast import compute_dtype
 
 
 class TorchEngine:
@@ -14,8 +15,8 @@ class TorchEngine:
         self.device = torch.device(device)
         self.model = model.eval().to(self.device)
         self.hidden_size = model.config.hidden_size
-        self.dtype = next(model.language_model.parameters()).dtype
-        self.vision_dtype = next(model.vision_tower.parameters()).dtype
+        self.dtype = compute_dtype(model.language_model)
+        self.vision_dtype = compute_dtype(model.vision_tower)
         self.cache: DynamicCache | None = None
 
     @torch.inference_mode()

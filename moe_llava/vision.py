@@ -14,6 +14,7 @@ from torch import nn
 from runtime.errors import UserError
 
 from .tower_specs import CLIP_PROCESSOR, KNOWN_TOWERS, SIGLIP_PROCESSOR, TowerSpec  # noqa: F401 - re-exported
+from .upcast import compute_dtype
 
 
 def tower_kind(config: dict) -> str:
@@ -32,7 +33,7 @@ class VisionTower(nn.Module):
         self.model = _build(spec)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        dtype = next(self.model.parameters()).dtype
+        dtype = compute_dtype(self.model)
         out = self.model(pixel_values.to(dtype), output_hidden_states=True)
         features = out.hidden_states[self.select_layer]               # [N,1+P or P,Dv]
         return features[:, 1:] if self.select_feature == "patch" else features

@@ -17,10 +17,11 @@ from PIL import Image
 
 from runtime.engine import ContextLimited, Engine, PrefixCaching
 from runtime.errors import UserError
-from runtime.prefix_cache import PrefixCache, conversation_keys, image_digest
+from runtime.prefix_cache import ImageDigests, PrefixCache, conversation_keys, memoised_encoder
 from runtime.preprocess import ImageSpec, load_image
 from runtime.preprocess import preprocess as preprocess_image
-from runtime.prompt import IMAGE_TOKEN_INDEX, Template, Turn, build_conversation, tokenize_with_image
+from runtime.prompt import (IMAGE_PLACEHOLDER, IMAGE_TOKEN_INDEX, Template, Turn, build_conversation,
+                            join_image_chunks)
 from runtime.sampling import TokenHistory, penalise, sample_next
 from runtime.settings import FinishReason, GenerationSettings
 from runtime.stop_strings import StopMatcher
@@ -98,6 +99,9 @@ class Pipeline:
         # what the engine's KV cache holds; visual_tokens (P, 0 = unknown until the first image) lets a prompt
         # that cannot fit fail before its image is encoded
         self._cache = PrefixCache([], visual_tokens)
+        # what every request resends: the text before the image (system prompt, "USER: "), and the image
+        self._encode_before_image = memoised_encoder(tokenizer)
+        self._image_digest = ImageDigests()
 
     def close(self) -> None:
         self.engine.close()
@@ -114,8 +118,11 @@ class Pipeline:
 
     def conversation_ids(self, turns: list[Turn], with_image: bool) -> list[int]:
         """Templated conversation ids (the last turn unanswered); the image slot is one IMAGE_TOKEN_INDEX."""
-        ids = tokenize_with_image(self.tokenizer, build_conversation(self.template, turns, with_image),
-                                  self.bos_token_id)
+        text = build_conversation(self.template, turns, with_image)
+        # the last chunk holds the question being asked, new in every request: not worth remembering
+        *before, last = text.split(IMAGE_PLACEHOLDER)
+        chunks = [*map(self._encode_before_image, before), self.tokenizer.encode(last).ids]
+        ids = join_image_chunks(chunks, self.bos_token_id)
         slots, images = ids.count(IMAGE_TOKEN_INDEX), int(with_image)
         if slots != images:
             raise UserError(f"the prompt has {slots} '<image>' placeholder(s) for {images} image(s); "
@@ -163,10 +170,10 @@ class Pipeline:
         clock = _Clock()
         ids = self.conversation_ids(turns, image is not None)
         self._check_prompt_fits(ids, image is not None)
-        keys = conversation_keys(ids, None if image is None else image_digest(image))
+        keys = conversation_keys(ids, None if image is None else self._image_digest(image))
         reused = self._cache.reusable(keys) if self.reuses_prefix else 0
         logits, prompt_positions, cached = self._prefill(ids, keys, reused, image, clock)
-        history = TokenHistory(logits.size, ids)
+        history = TokenHistory(logits.size, ids) if settings.penalised else None  # only penalties read it
         yield from self._answer(logits, history, settings, clock, prompt_positions, cached)
 
     def _check_prompt_fits(self, ids: list[int], with_image: bool) -> None:
@@ -199,9 +206,9 @@ class Pipeline:
         clock.lap("prefill_ms")
         return logits, cached + embeds.shape[0], cached
 
-    def _answer(self, logits: np.ndarray, history: TokenHistory, settings: GenerationSettings, clock: _Clock,
+    def _answer(self, logits: np.ndarray, history: TokenHistory | None, settings: GenerationSettings, clock: _Clock,
                 prompt_positions: int, cached: int) -> Iterator[str]:
-        rng = np.random.default_rng(settings.seed)
+        rng = np.random.default_rng(settings.seed) if settings.temperature > 0 else None  # greedy draws none
         detok, stops = IncrementalDetokenizer(self.tokenizer), StopMatcher(settings.stop)
         shown: list[str] = []
         finish, positions = FinishReason.LENGTH, prompt_positions
@@ -211,7 +218,8 @@ class Pipeline:
             if token == self.eos_token_id:
                 finish = FinishReason.STOP
                 break
-            history.add(token)
+            if history is not None:
+                history.add(token)
             piece = stops.push(detok.push(token))
             if piece:
                 shown.append(piece)
@@ -232,9 +240,9 @@ class Pipeline:
         self.last_result = self._result("".join(shown), detok.ids, clock, positions - prompt_positions,
                                         prompt_positions, cached, finish)
 
-    def _sample(self, logits: np.ndarray, history: TokenHistory, settings: GenerationSettings,
-                rng: np.random.Generator) -> int:
-        if settings.penalised:
+    def _sample(self, logits: np.ndarray, history: TokenHistory | None, settings: GenerationSettings,
+                rng: np.random.Generator | None) -> int:
+        if history is not None:
             logits = penalise(logits, history, settings)
         return sample_next(logits, settings.temperature, settings.top_p, rng, settings.top_k)
 

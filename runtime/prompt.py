@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
+from typing import Sequence
 
 IMAGE_PLACEHOLDER = "<image>"
 IMAGE_TOKEN_INDEX = -200  # id the reference code uses for the image slot inside input_ids
@@ -101,7 +102,13 @@ def tokenize_with_image(tokenizer, text: str, bos_token_id: int | None = None) -
     tokenizer prepends BOS, only the first chunk keeps it.
     `tokenizer` is a `tokenizers.Tokenizer` (encode(...).ids).
     """
-    chunks = [tokenizer.encode(chunk).ids for chunk in text.split(IMAGE_PLACEHOLDER)]
+    return join_image_chunks([tokenizer.encode(chunk).ids for chunk in text.split(IMAGE_PLACEHOLDER)],
+                             bos_token_id)
+
+
+def join_image_chunks(chunks: Sequence[Sequence[int]], bos_token_id: int | None = None) -> list[int]:
+    """tokenize_with_image from the ids of each chunk of the text split at "<image>" (so that a caller may
+    memoise the chunks' tokenisation)."""
     adds_bos = bos_token_id is not None and bool(chunks[0]) and chunks[0][0] == bos_token_id
     ids: list[int] = []
     for i, chunk in enumerate(chunks):

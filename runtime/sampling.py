@@ -66,9 +66,10 @@ def penalise(logits: np.ndarray, history: TokenHistory, settings: GenerationSett
     return out
 
 
-def sample_next(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator,
+def sample_next(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator | None,
                 top_k: int = 0) -> int:
-    """logits [V] -> next token id. temperature 0 is argmax (first max on ties); rng is untouched then."""
+    """logits [V] -> next token id. temperature 0 is argmax (first max on ties); rng is untouched (may be None)
+    then."""
     check_sampling_args(temperature, top_p)
     if logits.ndim != 1:
         raise ValueError(f"sample_next expects logits [V], got shape {logits.shape}")

@@ -1,7 +1,8 @@
 """The engine capability behind multi-turn reuse: keep(n) rolls the KV cache back to n positions and
 extend(embeds) appends to it, so that logits equal a fresh prefill of the same positions. Checked on the tiny
 export (its logits are a closed-form function of everything cached; see rt_helpers) for the host decoder and
-the device decoder's OrtValue path, and for the Pipeline's bookkeeping of what the cache holds."""
+the device decoder's OrtValue path, on the fused-attention variant (fused_tiny: one shared buffer, bound once),
+and for the Pipeline's bookkeeping of what the cache holds, including what a changed image or message undoes."""
 from __future__ import annotations
 
 import numpy as np
@@ -10,12 +11,13 @@ from PIL import Image
 
 ort = pytest.importorskip("onnxruntime")
 
+from fused_tiny import build_fused_tiny_export, fused_expected_logits  # noqa: E402
 from rt_helpers import EOS, TINY_SPEC, FakeEngine, build_tiny_export, byte_tokenizer, expected_logits  # noqa: E402
 from runtime.engine import PrefixCaching  # noqa: E402
 from runtime.errors import UserError  # noqa: E402
 from runtime.generation import Pipeline  # noqa: E402
 from runtime.kv_cache import KVCache  # noqa: E402
-from runtime.ort_engine import OrtDeviceDecoder, OrtEngine  # noqa: E402
+from runtime.ort_engine import HostDecoder, OrtDeviceDecoder, OrtEngine  # noqa: E402
 from runtime.pipeline import load_pipeline  # noqa: E402
 from runtime.prefix_cache import PrefixCache  # noqa: E402
 from runtime.prompt import Turn  # noqa: E402
@@ -26,6 +28,12 @@ from runtime.settings import GenerationSettings  # noqa: E402
 def tiny(tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny")
     return out, build_tiny_export(out, np.float32)
+
+
+@pytest.fixture(scope="module")
+def fused(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fused")
+    return out, build_fused_tiny_export(out)
 
 
 def test_kv_cache_keep_keeps_exactly_the_first_positions():
@@ -67,6 +75,30 @@ def test_keep_then_extend_equals_a_fresh_prefill(tiny, device_path):
                                    rtol=1e-5, atol=1e-5)
 
 
+def test_fused_decoder_bound_once_steps_keeps_and_extends_like_the_reference(fused):
+    """The shared buffers and logits are bound once; every step rebinds only its inputs. Each logits vector,
+    across prefills of different lengths, decode steps, a rollback and a second prefill, equals the attention
+    of the positions it should see, computed in numpy."""
+    out, weights = fused
+    table = weights["table"]
+    with OrtEngine(out) as engine:
+        assert isinstance(engine._decoder, HostDecoder) and engine._decoder.shared_cache
+        first, later = [5, 17, 99, 3, 8], [40, 41]
+        got = [engine.prefill(engine.embed_tokens(np.array(first, np.int64)))]
+        want = [fused_expected_logits(table[first], weights)]
+        for i, token in enumerate((7, 9, 11)):
+            got.append(engine.decode(token))
+            want.append(fused_expected_logits(table[first + [7, 9, 11][:i + 1]], weights))
+        engine.keep(4)
+        got.append(engine.extend(engine.embed_tokens(np.array(later, np.int64))))
+        want.append(fused_expected_logits(table[first[:4] + later], weights))
+        assert engine.cache_length == 6
+        got.append(engine.prefill(engine.embed_tokens(np.array(later, np.int64))))
+        want.append(fused_expected_logits(table[later], weights))
+    for g, w in zip(got, want):  # float32 attention over a handful of positions vs float64
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+
+
 def test_prefix_cache_counts_the_image_slot_as_its_visual_positions():
     cache = PrefixCache([1, 2, "img", 3, 4], visual_tokens=6)
     assert cache.positions(2) == 2 and cache.positions(4) == 9
@@ -75,8 +107,9 @@ def test_prefix_cache_counts_the_image_slot_as_its_visual_positions():
     assert cache.reusable([1, 2, "img", 3, 4]) == 4  # a resent prompt still prefills its last key
 
 
-def test_pipeline_follow_up_prefills_only_the_new_positions(tiny):
-    out, _ = tiny
+@pytest.mark.parametrize("export", ["tiny", "fused"])
+def test_pipeline_follow_up_prefills_only_the_new_positions(export, request):
+    out, _ = request.getfixturevalue(export)
     image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (9, 13, 3), dtype=np.uint8))
     settings = GenerationSettings(max_new_tokens=6)
     with load_pipeline(out) as pipe, load_pipeline(out) as fresh:
@@ -108,3 +141,49 @@ def test_image_prompt_over_the_context_fails_before_the_image_is_encoded(tiny):
         with pytest.raises(UserError, match=f"needs {needed} positions"):
             pipe.generate(image, "q")
     assert encoded == []
+
+
+def _follow_up_vs_fresh(out, image, after_turn_1, follow_up):
+    """Turn 1 on `image`; after_turn_1(image) (may change it in place); the follow-up turns follow_up(answer 1)
+    through the same pipeline, and again through a pipeline with reuse off.
+    -> (follow-up result, fresh result, turn 1 result, images encoded by the follow-up)."""
+    settings = GenerationSettings(max_new_tokens=6)
+    with load_pipeline(out) as pipe, load_pipeline(out) as fresh:
+        fresh.reuses_prefix = False
+        first = pipe.chat([Turn("Describe.")], image, settings)
+        after_turn_1(image)
+        encoded, encode = [], pipe.engine.encode_images
+        pipe.engine.encode_images = lambda pixels: encoded.append(pixels) or encode(pixels)
+        turns = follow_up(first.text)
+        second = pipe.chat(turns, image, settings)
+        want = fresh.chat(turns, image, settings)
+    return second, want, first, encoded
+
+
+def _image():
+    return Image.fromarray(np.random.default_rng(2).integers(0, 256, (9, 13, 3), dtype=np.uint8))
+
+
+@pytest.mark.parametrize("export", ["tiny", "fused"])
+def test_a_follow_up_with_the_image_changed_in_place_encodes_it_again(export, request):
+    """The same PIL object with one pixel changed between the turns: the image and everything after it is
+    prefilled again, and the answer is a fresh run's."""
+    out, _ = request.getfixturevalue(export)
+    image = _image()
+    with load_pipeline(out) as probe:
+        before_image = probe.prompt_ids("Describe.", with_image=True).index(-200)  # text positions
+    second, want, _, encoded = _follow_up_vs_fresh(
+        out, image, lambda img: img.putpixel((0, 0), tuple(255 - v for v in img.getpixel((0, 0)))),
+        lambda answer: [Turn("<image>\nDescribe.", answer), Turn("More?")])
+    assert len(encoded) == 1 and second.cached_tokens == before_image
+    assert second.token_ids == want.token_ids and second.prompt_tokens == want.prompt_tokens
+
+
+@pytest.mark.parametrize("export", ["tiny", "fused"])
+def test_a_follow_up_with_an_earlier_message_changed_reuses_only_what_precedes_the_change(export, request):
+    out, _ = request.getfixturevalue(export)
+    second, want, first, encoded = _follow_up_vs_fresh(
+        out, _image(), lambda img: None, lambda answer: [Turn("<image>\nDescribe!", answer), Turn("More?")])
+    # "Describe." -> "Describe!" (one byte token each): kept up to the token before it, the image included
+    assert encoded == [] and second.cached_tokens == first.prompt_tokens - len(". ASSISTANT:")
+    assert second.token_ids == want.token_ids and second.prompt_tokens == want.prompt_tokens
