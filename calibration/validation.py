@@ -50,11 +50,12 @@ class QualityGate:
 
 
 # Plain greedy agreement thresholds (no near-tie folding). On the demo model one flipped near-tie (PyTorch's
-# top-2 logits 0.01-0.03 apart: colour words) costs 0.05-0.08 of agreement, and int8 plans that move the
-# logit margins equally far flip zero to two of them (1.000 / 0.921 / 0.865, benchmarks/int8_plans.py): the
-# gates sit about two such flips under the measured figures (int8 1.000 with the shipped plan, 0.865 with
-# block 128; int4 0.866), so luck at a near-tie cannot fail a good export, while a broken one (static
-# per-tensor int8: 0.754; int4 with a 4-bit LM head: 0.57) fails.
+# top-2 logits 0.01-0.04 apart: colour words) costs 0.02-0.10 of agreement, and int8 plans that move the
+# logit margins equally far flip zero to two of them (0.865-1.000, benchmarks/int8_plans.py; rounding in the
+# float ops around the weights reshuffles which): the gates sit about two such flips under the measured
+# figures (int8 0.984 with the shipped plan, 0.921 with block 128; int4 0.866), so luck at a near-tie cannot
+# fail a good export, while a broken one (static per-tensor int8: 0.754; int4 with a 4-bit LM head: 0.57)
+# fails.
 QUALITY = {"int8": QualityGate(0.99, 2.0, 0.8), "int4": QualityGate(0.9, 2.0, 0.7)}
 # the targets (README table); reported, the gates above are what fails an export
 TARGETS = {"int8": {"greedy_agreement": 0.95, "router_agreement": 0.99, "pope_f1_drop": 1.0},
