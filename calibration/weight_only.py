@@ -24,8 +24,8 @@ The LM head is 8 bit, block 128, in both precisions: in 4 bit it alone cut the d
 to 0.469, and 8 bit at accuracy_level 4 is 5x faster than the fp32 head (0.18 vs 0.99 ms above). At the
 released vocab (100352 x 2048) it is 205 MB per token instead of 103 MB in 4 bit: PLANS["int4"].head is the
 knob. int8's other weights use block 32 (experts 64): on the demo model it cuts how far int8 moves PyTorch's
-top-2 logit margins by a quarter (benchmarks/int8_plans.py); decode stays >= 2x fp32 on the `small` preset
-and 3x on 300m, prefill goes from ~0.8x fp32's time to ~0.9x (block 32 MatMulNBits at many rows is slower
+top-2 logit margins by a quarter (benchmarks/int8_plans.py); decode stays >= 2x fp32 on the `small` and
+300m presets, prefill goes from ~0.8x fp32's time to ~0.9x (block 32 MatMulNBits at many rows is slower
 than fp32 SGEMM).
 """
 from __future__ import annotations
@@ -71,7 +71,7 @@ PLANS = {
     # would double its time at the released vocab). Whole plan: 0.0171 (block 128 everywhere; greedy 0.921)
     # -> 0.0134 (greedy 0.984); the plain greedy figure swings with near-ties, the margin error does not.
     # Experts at 64, not 32 (0.0043 vs 0.0036 alone): 32 brought prefill to fp32's or above (`small`
-    # 0.95-1.06x), 64 keeps it under (0.90-0.95x; 300m 0.86-0.88x); README, Quantised exports.
+    # 0.95-1.06x), 64 keeps it under (0.90-0.97x; 300m 0.86-0.89x); README, Quantised exports.
     "int8": WeightOnlyPlan(dense=NBits(8, 32), head=EIGHT_BIT, expert_bits=8, embedding_bits=8, expert_block=64),
     # int4: block 128 and an 8-bit LM head. Demo model, greedy agreement (plain) / logit cosine / size:
     # 4/32 + head 4/32: 0.570 / 0.99972 / 2.25 MB; 4/32 + head 8: 0.598 / 0.99994 / 2.28 MB;
