@@ -12,7 +12,7 @@ tests/calibration/test_qmoe.py):
 
 Kernel choice on CPU (onnxruntime 1.32), measured at H=1024, I=2816, E=4, k=2 on the 2-core machine:
   8 bit, one scale per row   fp32 dequantising kernel, == MoE(dequantised) to ~1e-7, 15.8 ms / decode token
-  8 bit, block 128           int8 activations,        cosine 0.9998 vs fp32,      2.0 ms   <- int8 exports
+  8 bit, block 128           int8 activations,        cosine 0.9998 vs fp32,      2.0 ms   (int8 exports: block 64)
   4 bit, block 32            fp32 activations,        cosine 0.9886 vs fp32,      6.5 ms
   4 bit, block 32, accuracy_level 4 (int8 activations) cosine 0.9885,              1.3 ms   <- int4 exports
 (fp32 com.microsoft.MoE: ~8.5 ms). The routing input (fp32 router logits) is never quantised.

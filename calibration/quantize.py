@@ -6,7 +6,8 @@
 
 No calibration data: weights are rounded to nearest, so int8/int4 exports are deterministic. (A calibrated
 static Q/DQ int8 - per-tensor uint8 activations - was measured against it and removed: demo model greedy
-agreement 0.754 vs 0.865, same decode speed; see README. Calibration stays for --target tensorrt, ModelOpt.)
+agreement 0.754 vs weight-only's 0.865 at block 128, same decode speed; see README. Calibration stays for
+--target tensorrt, ModelOpt.)
 
 Everything is assembled in a staging directory next to `out` (export.output_dir.staged_output, as for
 export_onnx) and moved into place only after validation passed; the fp32 graphs live in a second
@@ -127,8 +128,9 @@ def quantize_export(fp32_dir: Path, out_dir: Path, precision: Precision | str,
 
 
 METHODS = {
-    Precision.INT8: "weight-only: MatMulNBits 8-bit (block 128, symmetric, accuracy_level 4) incl. the LM head; "
-                         "QMoE 8-bit block-wise experts; GatherBlockQuantized 8-bit embeddings; routers/norms float",
+    Precision.INT8: "weight-only: MatMulNBits 8-bit (block 32, symmetric, accuracy_level 4); LM head "
+                         "MatMulNBits 8-bit (block 128, accuracy_level 4); QMoE 8-bit (block 64, accuracy_level 4) "
+                         "experts; GatherBlockQuantized 8-bit embeddings (block 128); routers/norms float",
     Precision.INT4: "weight-only: MatMulNBits 4-bit (block 128, symmetric, accuracy_level 4); LM head "
                          "MatMulNBits 8-bit (block 128, accuracy_level 4); QMoE 4-bit (block 64, accuracy_level 4) "
                          "experts; GatherBlockQuantized 4-bit embeddings; routers/norms float",

@@ -20,9 +20,13 @@ what consumes their output, the LM head by reaching a graph output), never by no
 plan holds on whatever graph the exporter writes. A role set to None stays float; `layers` limits dense and
 expert quantisation to some decoder layers (decoder_layers in graph.py; benchmarks/quant_sensitivity.py).
 
-The LM head is 8 bit in both precisions: in 4 bit it alone cut the demo model's greedy agreement to 0.469,
-and 8 bit at accuracy_level 4 is 5x faster than the fp32 head (0.18 vs 0.99 ms above). At the released vocab
-(100352 x 2048) it is 205 MB per token instead of 103 MB in 4 bit: PLANS["int4"].head is the knob.
+The LM head is 8 bit, block 128, in both precisions: in 4 bit it alone cut the demo model's greedy agreement
+to 0.469, and 8 bit at accuracy_level 4 is 5x faster than the fp32 head (0.18 vs 0.99 ms above). At the
+released vocab (100352 x 2048) it is 205 MB per token instead of 103 MB in 4 bit: PLANS["int4"].head is the
+knob. int8's other weights use block 32 (experts 64): on the demo model it cuts how far int8 moves PyTorch's
+top-2 logit margins by a quarter (benchmarks/int8_plans.py); decode stays >= 2x fp32 on the `small` and
+300m presets, prefill goes from ~0.8x fp32's time to ~0.9x (block 32 MatMulNBits at many rows is slower
+than fp32 SGEMM).
 """
 from __future__ import annotations
 
@@ -60,7 +64,15 @@ class WeightOnlyPlan:
 
 EIGHT_BIT = NBits(8, 128)
 PLANS = {
-    "int8": WeightOnlyPlan(dense=EIGHT_BIT, head=EIGHT_BIT, expert_bits=8, embedding_bits=8),
+    # int8: dense MatMuls (vision tower, projector, decoder attention / dense FFN) at block 32, experts at
+    # block 64, the LM head at block 128. Demo model, one role at a time (benchmarks/int8_plans.py roles):
+    # mean change of PyTorch's top-2 logit margin at block 128 -> 32: vision 0.0090 -> 0.0064, decoder dense
+    # 0.0074 -> 0.0053, experts 0.0049 -> 0.0036, LM head 0.0067 -> 0.0064 (no block helps the head, and 32
+    # would double its time at the released vocab). Whole plan: 0.0171 (block 128 everywhere; greedy 0.921)
+    # -> 0.0134 (greedy 0.984); the plain greedy figure swings with near-ties, the margin error does not.
+    # Experts at 64, not 32 (0.0043 vs 0.0036 alone): 32 brought prefill to fp32's or above (`small`
+    # 0.95-1.06x), 64 keeps it under (0.90-0.97x; 300m 0.86-0.89x); README, Quantised exports.
+    "int8": WeightOnlyPlan(dense=NBits(8, 32), head=EIGHT_BIT, expert_bits=8, embedding_bits=8, expert_block=64),
     # int4: block 128 and an 8-bit LM head. Demo model, greedy agreement (plain) / logit cosine / size:
     # 4/32 + head 4/32: 0.570 / 0.99972 / 2.25 MB; 4/32 + head 8: 0.598 / 0.99994 / 2.28 MB;
     # 4/128 + head 8: 0.866 / 0.99993 / 2.24 MB (README, Quantised exports). The head alone in 4 bit: 0.469.

@@ -196,8 +196,11 @@ def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def logit_cosine(loaded: LoadedModel, directory: Path, images, answers: list[dict]) -> tuple[dict, list[dict]]:
-    """(cosine figures, divergences): PyTorch's logit margin where the export's greedy answer parts from it."""
-    reference, values, divergences = pipeline_for(loaded), [], []
+    """(cosine figures, divergences): PyTorch's logit margin where the export's greedy answer parts from it.
+
+    The figures add argmax_agreement: the fraction of teacher-forced positions where the export's top token is
+    PyTorch's (each position judged alone, unlike greedy_agreement, where one flip ends the answer's count)."""
+    reference, values, same_top, divergences = pipeline_for(loaded), [], [], []
     with load_pipeline(directory) as runtime:
         for k, (image, answer) in enumerate(tqdm(list(zip(images, answers)), desc="validating: logits",
                                                  unit="answer", leave=False)):
@@ -205,10 +208,12 @@ def logit_cosine(loaded: LoadedModel, directory: Path, images, answers: list[dic
             want = forced_logits(reference, image, answer["prompt"], tokens)
             got = forced_logits(runtime, image, answer["prompt"], tokens)
             values += cosine_rows(got, want).tolist()
+            same_top += (got.argmax(-1) == want.argmax(-1)).tolist()
             step = first_divergence(tokens, answer["runtime"])
             if step is not None:
                 row = want[step]
                 ours, theirs = tokens[step], answer["runtime"][step]
                 divergences.append({"sample": k, "step": step, "reference_token": ours, "runtime_token": theirs,
                                     "reference_margin": float(row[ours] - row[theirs])})
-    return {"mean": float(np.mean(values)), "min": float(np.min(values)), "positions": len(values)}, divergences
+    return {"mean": float(np.mean(values)), "min": float(np.min(values)), "positions": len(values),
+            "argmax_agreement": float(np.mean(same_top))}, divergences

@@ -62,3 +62,35 @@ def test_fold_and_gemm_rewrite_keep_the_numbers():
     after = outputs(model, x)
     np.testing.assert_allclose(after[0], before[0], atol=1e-5)
     np.testing.assert_array_equal(after[1], before[1])
+
+
+def head_graph(k: int = 64, n: int = 128) -> onnx.ModelProto:
+    """x -> MatMul (a dense weight) -> Relu -> MatMul (the LM head: its output is the graph output)."""
+    rng = np.random.default_rng(7)
+    weights = [numpy_helper.from_array((rng.normal(size=s) * 0.2).astype(np.float32), name)
+               for name, s in (("w_dense", (k, k)), ("w_head", (k, n)))]
+    nodes = [onnx.helper.make_node("MatMul", ["x", "w_dense"], ["h"], name="/dense"),
+             onnx.helper.make_node("Relu", ["h"], ["r"], name="/relu"),
+             onnx.helper.make_node("MatMul", ["r", "w_head"], ["logits"], name="/head")]
+    graph = onnx.helper.make_graph(nodes, "head", [onnx.helper.make_tensor_value_info("x", 1, ["T", k])],
+                                   [onnx.helper.make_tensor_value_info("logits", 1, ["T", n])], weights)
+    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)])
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_the_lm_head_gets_its_own_setting(tmp_path, precision):
+    # found by reaching the graph output, not by name: int8 dense block 32 / head block 128, int4 dense 4 bit
+    src, dst = tmp_path / "f.onnx", tmp_path / "q.onnx"
+    onnx.save(head_graph(), str(src))
+    plan = PLANS[precision]
+    quantize_weight_only(src, dst, plan)
+    q = onnx.load(str(dst))
+    made = producers(q)
+    for tensor, spec in (("h", plan.dense), ("logits", plan.head)):
+        assert made[tensor].op_type == "MatMulNBits"
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in made[tensor].attribute}
+        assert (attrs["bits"], attrs["block_size"], attrs["accuracy_level"]) == \
+            (spec.bits, spec.block_size, spec.accuracy_level)
+    x = {"x": np.random.default_rng(8).normal(size=(4, 64)).astype(np.float32)}
+    want, got = outputs(src, x)[0], outputs(dst, x)[0]
+    assert np.abs(got - want).max() <= {"int8": 0.02, "int4": 0.15}[precision] * np.abs(want).max()

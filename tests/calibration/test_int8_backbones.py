@@ -1,10 +1,12 @@
 """Weight-only int8 on a tiny checkpoint of each backbone (StableLM, Phi-2, Qwen-1), no calibration data.
 
-Random tiny models have near-flat logits: PyTorch's own top-2 logits are 0.004-0.024 apart where the int8
-answers part from it, so issue 15's plain greedy target (>= 0.95) is not reachable on them by any 8-bit
-rounding (measured 0.73 / 0.38 / 0.88; 0.69 / 0.38 / 1.0 even with float activations in the kernels - see
-README, Quantised exports). What is asserted: the logits stay close (cosine), and int8 never flips a token
-PyTorch is confident about (every divergence at a margin under CONFIDENT_LOGITS).
+Random tiny models have near-flat logits: PyTorch's own top-2 logits are a median 0.14-0.17 apart (demo model:
+1.73) and 19-29 % of positions are under 0.05; the int8 answers part from PyTorch only at margins of
+0.004-0.024. So issue 15's plain greedy target (>= 0.95) is not a measure of int8 on them: it swings with
+which near-tie flips (block 128 everywhere: 0.73 / 0.38 / 0.88; the shipped plan 0.52 / 0.48 / 1.0;
+teacher-forced per position 0.92 / 0.94 / 1.0 - see README, Quantised exports). What is asserted: the logits
+stay close (cosine), and int8 never flips a token PyTorch is confident about (every divergence at a margin
+under CONFIDENT_LOGITS).
 """
 import pytest
 
@@ -14,7 +16,7 @@ from export.validate import greedy_agreement, sample_images
 from tiny import write_tiny_checkpoint
 
 pytestmark = pytest.mark.slow
-MIN_COSINE = 0.999        # measured 0.99955 (Qwen-1) - 0.99977 (Phi-2)
+MIN_COSINE = 0.999        # measured 0.99959 (Qwen-1) - 0.99978 (Phi-2)
 CONFIDENT_LOGITS = 0.1    # 4x the largest margin a flip was measured at
 
 
@@ -40,3 +42,6 @@ def test_int8_keeps_the_logits_and_confident_tokens(family, tmp_path, tiny_loade
     cosine, divergences = logit_cosine(loaded, tmp_path / "int8", images, answers)
     assert cosine["positions"] >= 24 and cosine["mean"] >= MIN_COSINE, cosine
     assert all(d["reference_margin"] < CONFIDENT_LOGITS for d in divergences), (agreement, divergences)
+    # tokens before an answer's first divergence are also right teacher-forced, so the per-position figure
+    # can only be higher than the free-running one
+    assert cosine["argmax_agreement"] >= agreement, (cosine, agreement)
