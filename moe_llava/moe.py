@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 
+from .upcast import stored
+
 
 class Activation(str, Enum):
     SWIGLU = "swiglu"        # down(silu(gate x) * up x)        - StableLM, Qwen
@@ -102,12 +104,17 @@ class MoELayer(nn.Module):
 
     def expert(self, x: torch.Tensor, e: int) -> torch.Tensor:
         """FFN of expert e on its tokens: [n,H] -> [n,H]."""
-        h = x @ self.fc1_weight[e].T                                  # [n,F]
+        h = x @ self._slice("fc1_weight", e, x).T                     # [n,F]
         if self.fc1_bias is not None:
-            h = h + self.fc1_bias[e]
+            h = h + self._slice("fc1_bias", e, x)
         h = activate(h, self.activation)                              # [n,I]
-        y = h @ self.fc2_weight[e].T                                  # [n,H]
-        return y + self.fc2_bias[e] if self.fc2_bias is not None else y
+        y = h @ self._slice("fc2_weight", e, x).T                     # [n,H]
+        return y + self._slice("fc2_bias", e, x) if self.fc2_bias is not None else y
+
+    def _slice(self, name: str, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert e's part of a stacked parameter in x's dtype. Stacks stored in 16 bits for fp32 compute
+        (upcast.py) are sliced before the cast, so a token pays for its k experts, not all E."""
+        return stored(self, name)[e].to(x.dtype)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape
