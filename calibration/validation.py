@@ -85,7 +85,7 @@ def compare_quantized(loaded: LoadedModel, directory: Path, max_new_tokens: int,
     pixels = np.stack([loaded.image_processor(img) for img in images])
     parts = part_errors(loaded, directory, pixels[:2], tol)
     router = router_agreement(loaded, directory, pixels[:1])
-    greedy, answers = greedy_agreement(loaded, directory, images, max_new_tokens)
+    greedy, answers = greedy_agreement(loaded, directory, images, max_new_tokens, keep_reference_logits=True)
     cosine, divergences = logit_cosine(loaded, directory, images, answers)
     failures = tolerance_failures(parts, router, greedy, tol)
     confident = sum(d["reference_margin"] >= NEAR_TIE_LOGITS for d in divergences)

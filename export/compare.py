@@ -166,20 +166,55 @@ def first_divergence(want: list[int], got: list[int]) -> int | None:
     return next((i for i, (a, b) in enumerate(zip(want, got)) if a != b), None)
 
 
-def greedy_agreement(loaded: LoadedModel, directory: Path, images, max_new_tokens: int) -> tuple[float, list[dict]]:
+def greedy_agreement(loaded: LoadedModel, directory: Path, images, max_new_tokens: int,
+                     keep_reference_logits: bool = False) -> tuple[float, list[dict]]:
+    """Free-running greedy answers of PyTorch and the export, counted up to their first divergence.
+
+    keep_reference_logits: each answer also carries "reference_logits" [n,V], PyTorch's logits as it chose
+    its n tokens, which are its teacher-forced logits too: logit_cosine then runs no second PyTorch pass
+    (at the released size on a CPU, PyTorch's steps are most of a validation)."""
     torch_pipe = pipeline_for(loaded)
+    recorder = torch_pipe.engine = _LogitRecorder(torch_pipe.engine)
     matched = total = 0
     answers = []
     with load_pipeline(directory) as ort_pipe:
         for image, prompt in tqdm(list(zip(images, PROMPTS * len(images))), desc="validating: greedy answers",
                                   unit="answer", leave=False):
+            recorder.rows.clear()
             want = torch_pipe.generate(image, prompt, max_new_tokens).token_ids
             got = ort_pipe.generate(image, prompt, max_new_tokens).token_ids
             same = first_divergence(want, got)
             matched += min(len(want), len(got)) if same is None else same
             total += max(len(want), len(got), 1)
             answers.append({"prompt": prompt, "pytorch": want, "runtime": got})
+            if keep_reference_logits and want and len(recorder.rows) >= len(want):
+                answers[-1]["reference_logits"] = np.stack(recorder.rows[:len(want)]).astype(np.float32)
     return matched / total, answers
+
+
+class _LogitRecorder:
+    """An Engine passed through, keeping the logits of the prompt and of each decode step of one answer."""
+
+    def __init__(self, engine):
+        self.engine, self.rows = engine, []
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def prefill(self, embeds):
+        return self._prompt(self.engine.prefill(embeds))
+
+    def extend(self, embeds):
+        return self._prompt(self.engine.extend(embeds))
+
+    def decode(self, token):
+        logits = self.engine.decode(token)
+        self.rows.append(logits)
+        return logits
+
+    def _prompt(self, logits):
+        self.rows[:] = [logits]   # the prompt's last piece gives the first answer token's logits
+        return logits
 
 
 def forced_logits(pipeline: Pipeline, image, prompt: str, tokens: list[int]) -> np.ndarray:
@@ -205,7 +240,8 @@ def logit_cosine(loaded: LoadedModel, directory: Path, images, answers: list[dic
         for k, (image, answer) in enumerate(tqdm(list(zip(images, answers)), desc="validating: logits",
                                                  unit="answer", leave=False)):
             tokens = answer["pytorch"]
-            want = forced_logits(reference, image, answer["prompt"], tokens)
+            want = answer.pop("reference_logits", None)
+            want = forced_logits(reference, image, answer["prompt"], tokens) if want is None else want
             got = forced_logits(runtime, image, answer["prompt"], tokens)
             values += cosine_rows(got, want).tolist()
             same_top += (got.argmax(-1) == want.argmax(-1)).tolist()

@@ -45,3 +45,17 @@ def test_int8_keeps_the_logits_and_confident_tokens(family, tmp_path, tiny_loade
     # tokens before an answer's first divergence are also right teacher-forced, so the per-position figure
     # can only be higher than the free-running one
     assert cosine["argmax_agreement"] >= agreement, (cosine, agreement)
+
+
+def test_reference_logits_kept_from_the_greedy_pass_equal_a_forced_pass(tmp_path, tiny_loaded, fp32_exports):
+    """validate_quantized reuses PyTorch's greedy-pass logits as its teacher-forced logits (one PyTorch pass):
+    the figures must be those of a separate forced pass."""
+    images = sample_images(tiny_loaded, 3)
+    _, kept = greedy_agreement(tiny_loaded, fp32_exports["ort"], images, 6, keep_reference_logits=True)
+    _, plain = greedy_agreement(tiny_loaded, fp32_exports["ort"], images, 6)
+    assert all(a["reference_logits"].shape[0] == len(a["pytorch"]) for a in kept)
+    reused, _ = logit_cosine(tiny_loaded, fp32_exports["ort"], images, kept)
+    forced, _ = logit_cosine(tiny_loaded, fp32_exports["ort"], images, plain)
+    assert all("reference_logits" not in a for a in kept)             # nothing left for validation.json
+    assert reused["positions"] == forced["positions"]
+    assert abs(reused["mean"] - forced["mean"]) < 1e-6 and abs(reused["min"] - forced["min"]) < 1e-6
