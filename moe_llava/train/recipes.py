@@ -36,7 +36,7 @@ from .dataset import load_image
 from .evaluate import evaluate, format_report, write_json
 from .plots import expert_loading
 from .run import StageConfig, run_stage
-from .stages import Stage
+from .stages import LossNormaliser, Stage
 from .tower import ProbeDataset, TowerProbe, probe_targets
 
 DEMO_MINUTES = 22
@@ -172,14 +172,30 @@ def pretrain_tower(recipe: DemoRecipe, data: SyntheticDataset, tokenizer_dir: Pa
 
 def stage_config(stage: Stage, model: Path, data: Path, images: Path, out: Path, r: StageRecipe,
                  seed: int, progress: bool) -> StageConfig:
+    # Length-grouped batches: a random batch of this data is a third padding. The constant normaliser keeps
+    # every answer token's weight what it was with random batches.
     return StageConfig(stage=stage, model=model, data=data, out=out, image_folder=images, learning_rate=r.learning_rate,
                        epochs=r.epochs, batch_size=r.batch_size, global_batch_size=r.batch_size, seed=seed,
-                       save_steps=10 ** 9, logging_steps=10, cache_images=True, progress=progress)
+                       save_steps=10 ** 9, logging_steps=10, cache_images=True, progress=progress,
+                       group_by_length=True, loss_normaliser=LossNormaliser.CONSTANT)
 
 
-def run_demo(out: Path, work: Path, recipe: DemoRecipe = DEMO, ablation: bool = True, progress: bool = True) -> dict:
-    """The whole recipe; returns results.json's content. `out` receives the final (stage III) model."""
-    start, work, timings = time.time(), Path(work), {}
+def run_demo(out: Path, work: Path, recipe: DemoRecipe = DEMO, ablation: bool = False, progress: bool = True,
+             threads: int | None = None) -> dict:
+    """The whole recipe; returns results.json's content. `out` receives the final (stage III) model.
+    `ablation`: also train and evaluate the RQ2 model (stage III without stage II). `threads`: torch threads
+    for the run (None: leave as is)."""
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return _run_demo(out, Path(work), recipe, ablation, progress)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _run_demo(out: Path, work: Path, recipe: DemoRecipe, ablation: bool, progress: bool) -> dict:
+    start, timings = time.time(), {}
     work.mkdir(parents=True, exist_ok=True)
     data, tokenizer_dir = prepare_data(recipe, work)
     timings["data"] = time.time() - start
