@@ -194,13 +194,33 @@ def run_demo(out: Path, work: Path, recipe: DemoRecipe = DEMO, ablation: bool = 
         torch.set_num_threads(previous)
 
 
+class Clock:
+    """Wall and CPU seconds of each part of the recipe. CPU time (all threads, user + system) is what the
+    part costs on an otherwise idle machine; on a shared one the wall time is longer by the others' share."""
+
+    def __init__(self):
+        self.wall: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}
+        self._start = self._last = (time.time(), time.process_time())
+
+    def lap(self, name: str) -> None:
+        now = (time.time(), time.process_time())
+        self.wall[name], self.cpu[name] = now[0] - self._last[0], now[1] - self._last[1]
+        self._last = now
+
+    def report(self) -> dict:
+        total = (self._last[0] - self._start[0], self._last[1] - self._start[1])
+        return {"seconds": {k: round(v, 1) for k, v in self.wall.items()} | {"total": round(total[0], 1)},
+                "cpu_seconds": {k: round(v, 1) for k, v in self.cpu.items()} | {"total": round(total[1], 1)}}
+
+
 def _run_demo(out: Path, work: Path, recipe: DemoRecipe, ablation: bool, progress: bool) -> dict:
-    start, timings = time.time(), {}
+    clock = Clock()
     work.mkdir(parents=True, exist_ok=True)
     data, tokenizer_dir = prepare_data(recipe, work)
-    timings["data"] = time.time() - start
+    clock.lap("data")
     stage0 = pretrain_tower(recipe, data, tokenizer_dir, work / "stage0", progress)
-    timings["stage0"] = time.time() - start - sum(timings.values())
+    clock.lap("stage0")
     runs = {}
     instruct = stage2_data(data, work, recipe.seed, recipe.drills)
     plan = [("stage1", Stage.PRETRAIN, stage0, data.captions_json, recipe.stage1),
@@ -210,15 +230,15 @@ def _run_demo(out: Path, work: Path, recipe: DemoRecipe, ablation: bool, progres
         plan.append(("stage3_without_stage2", Stage.MOE, work / "stage1", instruct, recipe.stage3))
     for name, stage, init, json_path, r in plan:
         runs[name] = run_stage(stage_config(stage, init, json_path, data.root, work / name, r, recipe.seed, progress))
-        timings[name] = time.time() - start - sum(timings.values())
+        clock.lap(name)
     results = {"recipe": asdict(recipe), "models": {}}
     for name in ("stage2", "stage3", "stage3_without_stage2"):
         if name in runs:
             loaded = load_pretrained(runs[name])
             results["models"][name] = evaluate(loaded, data.root, progress=progress)
             print(f"== {name}\n{format_report(results['models'][name])}")
-    timings["evaluation"] = time.time() - start - sum(timings.values())
-    results["seconds"] = {k: round(v, 1) for k, v in timings.items()} | {"total": round(time.time() - start, 1)}
+    clock.lap("evaluation")
+    results |= clock.report()
     publish(runs["stage3"], work, out, data, results)
     return results
 

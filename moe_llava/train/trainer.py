@@ -43,9 +43,7 @@ class MoETrainer(Trainer):
         self._parts["lm_loss"].append(outputs.lm_loss.detach().float().item())
         if outputs.aux_loss is not None:
             self._parts["aux_loss"].append(outputs.aux_loss.detach().float().item())
-        loss = outputs.loss
-        if self.loss_normaliser:  # lm_loss * tokens / normaliser in place of lm_loss; the aux part unchanged
-            loss = loss + outputs.lm_loss * (outputs.lm_tokens / self.loss_normaliser - 1)
+        loss = outputs.loss if not self.loss_normaliser else constant_normalised_loss(outputs, self.loss_normaliser)
         return (loss, outputs) if return_outputs else loss
 
     def _get_train_sampler(self, train_dataset=None):
@@ -77,6 +75,11 @@ class MoETrainer(Trainer):
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         model = self.accelerator.unwrap_model(model if model is not None else self.model)
         load_official_state(model, read_state_dict(Path(resume_from_checkpoint)), tower_from_checkpoint=True)
+
+
+def constant_normalised_loss(outputs, normaliser: float) -> torch.Tensor:
+    """The batch's summed LM loss / normaliser (in place of its mean) + the weighted aux loss, unchanged."""
+    return outputs.loss + outputs.lm_loss * (outputs.lm_tokens / normaliser - 1)
 
 
 class JsonLogCallback(TrainerCallback):
