@@ -8,9 +8,9 @@ import torch.nn.functional as F
 
 from moe_llava.loading import load_tokenizer
 from moe_llava.train.dataset import LlavaCollator
-from moe_llava.train.run import StageConfig, build_dataset
+from moe_llava.train.run import StageConfig, build_dataset, training_arguments
 from moe_llava.train.stages import Stage
-from moe_llava.train.trainer import constant_normalised_loss
+from moe_llava.train.trainer import MoETrainer, constant_normalised_loss
 from runtime.prompt import IGNORE_INDEX
 from tests.tiny import tiny_model
 
@@ -84,3 +84,23 @@ def test_token_counts_are_the_spliced_lengths(dataset, tiny_data):
         embeds, _, labels = model.splice(item["input_ids"], images, item["attention_mask"], item["labels"])
         assert counts.lengths[i] == embeds.shape[1]
         assert counts.supervised[i] == (labels[:, 1:] != IGNORE_INDEX).sum().item()
+
+
+def _padding(lengths, order, batch):
+    """Padded positions when `order` is cut into batches of `batch`."""
+    chunks = [[lengths[i] for i in order[k:k + batch]] for k in range(0, len(order), batch)]
+    return sum(max(c) * len(c) - sum(c) for c in chunks)
+
+
+def test_length_grouped_sampler_reads_the_counts_not_the_images(dense_dir, tiny_data, tmp_path):
+    cfg = StageConfig(stage=Stage.FINETUNE, model=dense_dir, data=tiny_data.instruct_json, out=tmp_path,
+                      image_folder=tiny_data.root, batch_size=4, global_batch_size=4, cache_images=True,
+                      group_by_length=True, progress=False)
+    model = tiny_model(moe=False)
+    data = build_dataset(cfg, model, load_tokenizer(dense_dir))
+    trainer = MoETrainer(model=model, args=training_arguments(cfg), train_dataset=data, data_collator=LlavaCollator(0))
+    order = list(trainer._get_train_sampler())
+    assert sorted(order) == list(range(len(data)))
+    assert not data._cache  # no image was loaded to learn the lengths
+    lengths = data.token_counts().lengths
+    assert _padding(lengths, order, 4) < 0.5 * _padding(lengths, list(range(len(data))), 4)
