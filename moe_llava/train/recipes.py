@@ -36,7 +36,7 @@ from .dataset import load_image
 from .evaluate import evaluate, format_report, write_json
 from .plots import expert_loading
 from .run import StageConfig, run_stage
-from .stages import LossNormaliser, Stage
+from .stages import Stage
 from .tower import ProbeDataset, TowerProbe, probe_targets
 
 DEMO_MINUTES = 22
@@ -172,12 +172,11 @@ def pretrain_tower(recipe: DemoRecipe, data: SyntheticDataset, tokenizer_dir: Pa
 
 def stage_config(stage: Stage, model: Path, data: Path, images: Path, out: Path, r: StageRecipe,
                  seed: int, progress: bool) -> StageConfig:
-    # Length-grouped batches: a random batch of this data is a third padding. The constant normaliser keeps
-    # every answer token's weight what it was with random batches.
+    # Random batches, although a third of each is padding: length-grouped batches (with the constant loss
+    # normaliser) cut stage II's CPU time by ~13 % only, and the model then answered "yes" to every POPE probe.
     return StageConfig(stage=stage, model=model, data=data, out=out, image_folder=images, learning_rate=r.learning_rate,
                        epochs=r.epochs, batch_size=r.batch_size, global_batch_size=r.batch_size, seed=seed,
-                       save_steps=10 ** 9, logging_steps=10, cache_images=True, progress=progress,
-                       group_by_length=True, loss_normaliser=LossNormaliser.CONSTANT)
+                       save_steps=10 ** 9, logging_steps=10, cache_images=True, progress=progress)
 
 
 def run_demo(out: Path, work: Path, recipe: DemoRecipe = DEMO, ablation: bool = False, progress: bool = True,
