@@ -1,7 +1,9 @@
 """The demo recipe: synthetic scenes -> tower pre-training -> stages I, II, III -> evaluation -> demo model.
 
-Everything is seeded; on the 2-core development CPU (otherwise idle: it is compute-bound, and OpenMP
-threads slow down badly when another job shares the cores) the whole recipe takes ~DEMO_MINUTES minutes.
+Everything is seeded. It runs at one torch thread (`threads`): the demo model is too small for a second
+thread to pay, and OpenMP threads stall when another job shares the cores. Its cost is reported as wall and
+CPU seconds per part (results.json); the README's Training section has the measured figures. The RQ2
+ablation (stage III without stage II) is an analysis, not part of producing the model: `ablation=True`.
 The demo backbone is StableLM-shaped (`moe_llava_stablelm`: SwiGLU FFN, LayerNorm, qkv bias, partial
 rotary), MoE every other layer (sparse), 4 experts top-2; the tower is CLIP-shaped (96 px, patch 16: 36 image tokens).
 
@@ -39,7 +41,6 @@ from .run import StageConfig, run_stage
 from .stages import Stage
 from .tower import ProbeDataset, TowerProbe, probe_targets
 
-DEMO_MINUTES = 22
 EXAMPLE_PROMPT = "What is in the image?"
 
 
