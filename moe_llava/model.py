@@ -23,11 +23,12 @@ from .vision import TowerSpec, VisionTower
 
 @dataclass
 class MoELlavaOutput:
-    logits: torch.Tensor                  # [B,S,V]
+    logits: torch.Tensor | None           # [B,S,V]; None when asked for the loss only
     loss: torch.Tensor | None = None      # LM loss + coef * sum of aux losses
     lm_loss: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None  # sum over MoE layers, before the coefficient
     past_key_values: object | None = None
+    lm_tokens: torch.Tensor | None = None  # supervised positions behind lm_loss (a mean over them)
 
 
 class MoELlavaForCausalLM(nn.Module):
@@ -97,17 +98,30 @@ class MoELlavaForCausalLM(nn.Module):
     # ---- training / scoring forward ----------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                **_ignored) -> MoELlavaOutput:
+                return_logits: bool = True, **_ignored) -> MoELlavaOutput:
+        """With labels and return_logits=False (training), the LM head runs on the supervised positions only:
+        the same loss, without the [B,S,V] logits of image, question and padding positions (~90 % of a
+        demo batch)."""
         image_embeds = self.encode_images(pixel_values) if pixel_values is not None else None
         inputs_embeds, mask, labels = self.splice(input_ids, image_embeds, attention_mask, labels)
+        if labels is not None and not return_logits:
+            out = self.language_model.model(inputs_embeds=inputs_embeds, attention_mask=mask, use_cache=False)
+            targets = labels[:, 1:]
+            supervised = targets != IGNORE_INDEX                                           # [B,S-1]
+            hidden = out.last_hidden_state[:, :-1][supervised]                             # [T,H]
+            return self._with_loss(None, self.language_model.lm_head(hidden), targets[supervised])
         logits, _ = self.decode_embeds(inputs_embeds, mask)
-        aux = self._aux_loss()
         if labels is None:
-            return MoELlavaOutput(logits=logits, aux_loss=aux)
-        lm_loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                                  ignore_index=IGNORE_INDEX)
+            return MoELlavaOutput(logits=logits, aux_loss=self._aux_loss())
+        return self._with_loss(logits, logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
+
+    def _with_loss(self, logits: torch.Tensor | None, scores: torch.Tensor, targets: torch.Tensor) -> MoELlavaOutput:
+        """scores [T,V] predict targets [T] (IGNORE_INDEX = not supervised): mean LM loss + aux loss."""
+        aux = self._aux_loss()
+        lm_loss = F.cross_entropy(scores.float(), targets, ignore_index=IGNORE_INDEX)
         loss = lm_loss if aux is None else lm_loss + self.config.moe.router_aux_loss_coef * aux
-        return MoELlavaOutput(logits=logits, loss=loss, lm_loss=lm_loss, aux_loss=aux)
+        return MoELlavaOutput(logits=logits, loss=loss, lm_loss=lm_loss, aux_loss=aux,
+                              lm_tokens=(targets != IGNORE_INDEX).sum())
 
     def _aux_loss(self) -> torch.Tensor | None:
         losses = [m.aux_loss for m in self.moe_layers() if self.training and m.aux_loss is not None]

@@ -19,6 +19,7 @@ def _pope_rows(models: dict) -> list[str]:
 def model_card(results: dict, checkpoint_bytes: int) -> str:
     r, secs = results["recipe"], results["seconds"]
     timing = ", ".join(f"{k} {v:.0f} s" for k, v in secs.items())
+    cpu = ", ".join(f"{k} {v:.0f} s" for k, v in results["cpu_seconds"].items())
     lines = [
         "# MoE-LLaVA demo model (embedded)",
         "",
@@ -35,6 +36,7 @@ def model_card(results: dict, checkpoint_bytes: int) -> str:
         f"{r['n_heldout']} held-out scenes for evaluation; seed {r['seed']}.",
         f"- Checkpoint: {checkpoint_bytes / 2**20:.1f} MiB (fp32 safetensors, official MoE-LLaVA layout).",
         f"- Wall time on the 2-core development CPU: {timing}.",
+        f"- CPU time (user + system, all threads): {cpu}.",
         "",
         "## Held-out results (greedy decoding, `moe-eval`)",
         "",

@@ -7,7 +7,7 @@ from pathlib import Path
 from runtime.errors import UserError
 
 from .distributed import Sharding
-from .stages import STAGES, Stage
+from .stages import STAGES, LossNormaliser, Stage
 
 RECIPES = ("demo",)
 
@@ -52,8 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
     stage.add_argument("--logging-steps", type=int, default=1)
     stage.add_argument("--cache-images", action="store_true", help="keep preprocessed images in memory")
     stage.add_argument("--group-by-length", action="store_true", help="batch samples of similar length together "
-                       "(less padding; with the per-batch mean loss it also shifts weight between answer types - "
-                       "the demo recipe leaves it off for that reason)")
+                       "(less padding); use it with --loss-normaliser constant, else a batch of short answers "
+                       "weighs each of its tokens more")
+    stage.add_argument("--loss-normaliser", choices=[n.value for n in LossNormaliser],
+                       default=LossNormaliser.BATCH_MEAN.value, help="divide a batch's summed LM loss by its own "
+                       "answer-token count (batch-mean, the reference) or by the data set's mean per batch (constant)")
     stage.add_argument("--sharding", choices=[m.value for m in Sharding], default=Sharding.DDP.value,
                        help="how processes share the work under torchrun / accelerate launch: ddp (whole model per "
                        "process), fsdp (sharded per decoder layer), deepspeed (with --deepspeed)")
@@ -68,8 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=42, help="stage seed (the demo recipe uses its own fixed seeds)")
     p.add_argument("--work-dir", type=Path, default=Path("build/demo"),
                    help="recipe: data, tokenizer and every stage's checkpoint")
-    p.add_argument("--no-ablation", action="store_true", help="recipe: skip the RQ2 run (stage 3 right after "
-                   "stage 1, without stage 2)")
+    p.add_argument("--ablation", action="store_true", help="recipe: also run the RQ2 ablation (stage 3 right "
+                   "after stage 1, without stage 2) and evaluate it; an analysis, not needed for the model (+3 min)")
+    p.add_argument("--threads", type=int, default=1, help="recipe: torch threads (1: the demo model is too small "
+                   "for a second thread to pay, and threads stall when another job shares the cores)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -80,8 +85,10 @@ def main(args: argparse.Namespace) -> int:
         if world_size() > 1:
             raise UserError("--recipe runs in one process (it generates its data and tokenizer first); under "
                             "torchrun / accelerate launch run its stages one by one with --stage")
+        if args.threads < 1:
+            raise UserError("--threads must be at least 1")
         from .recipes import run_demo
-        run_demo(args.out, args.work_dir, ablation=not args.no_ablation, progress=not args.no_progress)
+        run_demo(args.out, args.work_dir, ablation=args.ablation, progress=not args.no_progress, threads=args.threads)
         print(f"demo model written to {args.out}")
         return 0
     from .run import run_stage
@@ -105,6 +112,6 @@ def stage_config(args: argparse.Namespace):
         seed=args.seed, model_max_length=args.model_max_length, train_tower=args.train_tower,
         save_steps=args.save_steps, save_total_limit=args.save_total_limit, logging_steps=args.logging_steps,
         num_workers=args.num_workers, precision=args.precision, resume=args.resume, cache_images=args.cache_images,
-        group_by_length=args.group_by_length, sharding=Sharding(args.sharding), deepspeed=args.deepspeed,
+        group_by_length=args.group_by_length, loss_normaliser=LossNormaliser(args.loss_normaliser), sharding=Sharding(args.sharding), deepspeed=args.deepspeed,
         progress=not args.no_progress,
         moe=MoEOptions(args.num_experts, args.top_k, args.moe_mode, args.capacity_factor, args.aux_loss_coef))

@@ -64,29 +64,56 @@ def load_image(path: Path, rid: str) -> Image.Image:
         raise UserError(f"record {rid}: cannot read image {path} ({e})") from None
 
 
+@dataclass(frozen=True)
+class TokenCounts:
+    lengths: list[int]     # per record: sequence length with each image slot counted as its visual tokens
+    supervised: list[int]  # per record: answer tokens (labels other than IGNORE_INDEX)
+
+    @property
+    def mean_supervised(self) -> float:
+        return sum(self.supervised) / len(self.supervised)
+
+
 class LlavaJsonDataset(Dataset):
-    """Items: {"input_ids": [S], "labels": [S], "pixel_values": [3,R,R] or None}."""
+    """Items: {"input_ids": [S], "labels": [S], "pixel_values": [3,R,R] or None}. `image_tokens`: the visual
+    tokens that replace one image slot in the model (used only to count lengths)."""
 
     def __init__(self, records: list[dict] | str | Path, image_folder: str | Path | None, tokenizer,
                  image_processor, template: Template, max_length: int, bos_token_id: int | None = None,
-                 cache_images: bool = False):
+                 cache_images: bool = False, image_tokens: int = 1):
         self.records = read_records(records) if isinstance(records, (str, Path)) else records
         self.image_folder = Path(image_folder) if image_folder is not None else None
         self.tokenizer, self.image_processor = tokenizer, image_processor
         self.template, self.max_length, self.bos_token_id = Template(template), max_length, bos_token_id
+        self.image_tokens = image_tokens
         self._cache: dict[str, torch.Tensor] | None = {} if cache_images else None
+        self._counts: TokenCounts | None = None
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, i: int) -> dict:
+    def tokens(self, i: int) -> tuple[list[int], list[int]]:
         record = self.records[i]
         ids, labels = tokenize_conversation(self.tokenizer, self.template, record_turns(record, self.template),
                                             self.bos_token_id)
-        ids, labels = ids[: self.max_length], labels[: self.max_length]
+        return ids[: self.max_length], labels[: self.max_length]
+
+    def __getitem__(self, i: int) -> dict:
+        ids, labels = self.tokens(i)
         # An image whose slot was truncated away would have nowhere to go: drop it with its slot.
-        pixels = self.pixel_values(record) if IMAGE_TOKEN_INDEX in ids else None
+        pixels = self.pixel_values(self.records[i]) if IMAGE_TOKEN_INDEX in ids else None
         return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "pixel_values": pixels}
+
+    def token_counts(self) -> TokenCounts:
+        """Lengths and answer tokens of every record, from the text alone (no image is read); computed once."""
+        if self._counts is None:
+            lengths, supervised = [], []
+            for i in range(len(self)):
+                ids, labels = self.tokens(i)
+                lengths.append(len(ids) + ids.count(IMAGE_TOKEN_INDEX) * (self.image_tokens - 1))
+                supervised.append(sum(label != IGNORE_INDEX for label in labels[1:]))
+            self._counts = TokenCounts(lengths, supervised)
+        return self._counts
 
     def pixel_values(self, record: dict) -> torch.Tensor:
         name = record["image"]

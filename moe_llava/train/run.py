@@ -21,7 +21,7 @@ from .dataset import LlavaCollator, LlavaJsonDataset
 from .distributed import Sharding, accumulation_steps, check_sharding, world_size
 from .init import from_parts, is_llava_dir
 from .plots import loss_curve
-from .stages import STAGES, Group, Stage, StageSpec, apply_freezing, count_parameters
+from .stages import STAGES, Group, LossNormaliser, Stage, StageSpec, apply_freezing, count_parameters
 from .trainer import JsonLogCallback, MoETrainer
 from .upcycle import moe_config, upcycle
 
@@ -62,6 +62,7 @@ class StageConfig:
     resume: str | None = None         # a checkpoint-N dir, or "latest" (the newest under out/)
     cache_images: bool = False
     group_by_length: bool = False     # batches of similar length (less padding; LLaVA's group_by_modality_length)
+    loss_normaliser: LossNormaliser = LossNormaliser.BATCH_MEAN
     sharding: Sharding = Sharding.DDP  # how processes split the work under torchrun / accelerate launch
     deepspeed: Path | None = None     # DeepSpeed JSON config (with sharding=deepspeed), e.g. configs/deepspeed/zero2.json
     moe: MoEOptions = field(default_factory=MoEOptions)
@@ -99,8 +100,11 @@ def build_dataset(cfg: StageConfig, model: MoELlavaForCausalLM, tokenizer) -> Ll
     from ..image_processing import HFImageProcessor
     processor = HFImageProcessor(model.vision_tower.spec.processor, model.config.image_aspect_ratio)
     _, bos = special_token_ids(model.config, tokenizer)
+    tower = model.vision_tower.spec.config
+    tower = tower.get("vision_config", tower)  # a full CLIP / SigLIP config.json nests it
+    patches = (int(tower["image_size"]) // int(tower["patch_size"])) ** 2  # visual tokens per image, near enough
     return LlavaJsonDataset(cfg.data, cfg.image_folder, tokenizer, processor, cfg.spec.template(model.config.model_type),
-                            model.model_max_length, bos, cache_images=cfg.cache_images)
+                            model.model_max_length, bos, cache_images=cfg.cache_images, image_tokens=patches)
 
 
 def training_arguments(cfg: StageConfig, decoder_layer: str = ""):
@@ -133,6 +137,13 @@ def sharding_arguments(cfg: StageConfig, decoder_layer: str) -> dict:
     return {}
 
 
+def loss_normaliser(cfg: StageConfig, dataset: LlavaJsonDataset) -> float | None:
+    """Answer tokens per micro-batch on average (the Trainer's accumulation and DDP averaging do the rest)."""
+    if LossNormaliser(cfg.loss_normaliser) is LossNormaliser.BATCH_MEAN:
+        return None
+    return cfg.batch_size * dataset.token_counts().mean_supervised
+
+
 def resolve_resume(cfg: StageConfig) -> str | None:
     if cfg.resume is None:
         return None
@@ -160,7 +171,8 @@ def run_stage(cfg: StageConfig) -> Path:
     args = training_arguments(cfg, type(model.layers[0]).__name__)
     trainer = MoETrainer(model=model, args=args, train_dataset=dataset,
                          data_collator=LlavaCollator(special_token_ids(model.config, tokenizer)[0]),
-                         callbacks=[log], tokenizer_dir=Path(cfg.model))
+                         callbacks=[log], tokenizer_dir=Path(cfg.model),
+                         loss_normaliser=loss_normaliser(cfg, dataset))
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(str(cfg.out))
     if trainer.args.should_save:

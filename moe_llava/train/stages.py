@@ -32,6 +32,13 @@ class Group(str, Enum):
     MOE = "moe"  # router + experts of every MoE layer
 
 
+class LossNormaliser(str, Enum):
+    """What divides a batch's summed LM loss: its own answer-token count (the reference), or one constant
+    (the data set's mean answer tokens per sample x micro-batch) - needed with --group-by-length."""
+    BATCH_MEAN = "batch-mean"
+    CONSTANT = "constant"
+
+
 @dataclass(frozen=True)
 class StageSpec:
     stage: Stage

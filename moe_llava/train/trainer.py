@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainerCallback
+from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from ..checkpoint import load_official_state, read_state_dict
 from ..loading import save_pretrained
@@ -23,20 +24,36 @@ TRAINING_ARGS_NAME = "training_args.bin"
 
 
 class MoETrainer(Trainer):
-    def __init__(self, *args, tokenizer_dir: Path | None = None, **kwargs):
+    """`loss_normaliser` (supervised tokens per micro-batch, e.g. the data set's mean x batch size): divide
+    each batch's summed LM loss by this constant instead of by its own token count, so that every token
+    weighs the same whatever batch it lands in - what length-grouped batches need (a batch of short
+    answers would otherwise count each of its tokens more). None: the per-batch mean."""
+
+    def __init__(self, *args, tokenizer_dir: Path | None = None, loss_normaliser: float | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.tokenizer_dir = tokenizer_dir
+        self.loss_normaliser = loss_normaliser
         # Our loss is a per-batch mean that ignores num_items_in_batch: let the Trainer scale it for GA.
         self.model_accepts_loss_kwargs = False
         self.loss_is_scaled_for_ga = False
         self._parts: dict[str, list[float]] = {"lm_loss": [], "aux_loss": []}
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        outputs = model(**inputs)
+        outputs = model(**inputs, return_logits=return_outputs)
         self._parts["lm_loss"].append(outputs.lm_loss.detach().float().item())
         if outputs.aux_loss is not None:
             self._parts["aux_loss"].append(outputs.aux_loss.detach().float().item())
-        return (outputs.loss, outputs) if return_outputs else outputs.loss
+        loss = outputs.loss if not self.loss_normaliser else constant_normalised_loss(outputs, self.loss_normaliser)
+        return (loss, outputs) if return_outputs else loss
+
+    def _get_train_sampler(self, train_dataset=None):
+        """Length grouping from the data set's own token counts (image slots counted as their visual
+        tokens), instead of the Trainer's pass over every item, which would load every image."""
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if self.args.train_sampling_strategy == "group_by_length" and hasattr(dataset, "token_counts"):
+            batch = self.args.train_batch_size * self.args.gradient_accumulation_steps
+            return LengthGroupedSampler(batch, lengths=dataset.token_counts().lengths)
+        return super()._get_train_sampler(train_dataset)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:  # a training log: add the mean of each loss part since the last one
@@ -58,6 +75,11 @@ class MoETrainer(Trainer):
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         model = self.accelerator.unwrap_model(model if model is not None else self.model)
         load_official_state(model, read_state_dict(Path(resume_from_checkpoint)), tower_from_checkpoint=True)
+
+
+def constant_normalised_loss(outputs, normaliser: float) -> torch.Tensor:
+    """The batch's summed LM loss / normaliser (in place of its mean) + the weighted aux loss, unchanged."""
+    return outputs.loss + outputs.lm_loss * (outputs.lm_tokens / normaliser - 1)
 
 
 class JsonLogCallback(TrainerCallback):

@@ -15,6 +15,11 @@ def test_help(parser, capsys):
     assert e.value.code == 0 and "--model" in capsys.readouterr().out
 
 
+def test_recipe_threads_must_be_positive(tmp_path, capsys):
+    code, _, err = run_cli(train_main, ["--recipe", "demo", "--out", str(tmp_path / "o"), "--threads", "0"], capsys)
+    assert code == 2 and "--threads" in err and not (tmp_path / "o").exists()
+
+
 def test_train_stage_needs_model_and_data(tmp_path, capsys):
     code, _, err = run_cli(train_main, ["--stage", "2", "--out", str(tmp_path)], capsys)
     assert code == 2 and "--model" in err and "--data" in err
