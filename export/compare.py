@@ -63,7 +63,7 @@ def decoder_feed(manifest: Manifest, embeds: np.ndarray) -> dict[str, np.ndarray
     feed = {"inputs_embeds": embeds[None].astype(dtype), "attention_mask": np.ones((1, s), np.int64),
             "position_ids": np.arange(s, dtype=np.int64)[None]}
     inputs, _ = spec.io_names()
-    past_dtype = manifest.parts["decoder"].input(inputs[3]).np_dtype  # the float dtype, or int8 (--kv-cache int8)
+    past_dtype = np.int8 if manifest.kv_cache == "int8" else dtype     # --kv-cache int8: GQA's quantised cache
     feed.update({name: np.zeros((1, spec.num_kv_heads, 0, spec.head_dim), past_dtype) for name in inputs[3:]})
     return feed
 

@@ -49,7 +49,8 @@ def manifest_like(loaded):
     kv_heads, head_dim = kv_geometry(loaded.model)
     decoder = DecoderSpec(cfg.num_layers, kv_heads, head_dim, cfg.hidden_size, cfg.vocab_size, 512)
     embeds = TensorSpec("inputs_embeds", ("batch", "sequence", cfg.hidden_size), "float32")
-    return SimpleNamespace(decoder=decoder, parts={"decoder": PartSpec("decoder.onnx", (embeds,), ())})
+    return SimpleNamespace(decoder=decoder, parts={"decoder": PartSpec("decoder.onnx", (embeds,), ())},
+                           kv_cache="float")
 
 
 def test_feeds_per_part(calib_set, tiny_loaded):
