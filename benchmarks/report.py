@@ -52,13 +52,14 @@ def bench_table(report: dict) -> str:
     for label, key, fmt, better_high in rows:
         cells = "".join(f"{fmt.format(report[x][key]):>14}" for x in sides)
         lines.append(f"{label:28}{cells}{_ratio(report, key, better_high):>22}")
-    if roof:
-        lines.append(f"{'decode weight GB/s':28}" + "".join(f"{roof['achieved_gbs'][x]:>14.2f}" for x in sides))
-        lines.append(f"{'% of decode roofline':28}" + "".join(f"{roof['pct_of_roofline'][x]:>13.1f}%" for x in sides)
+    if roof:  # int8/int4 exports have no simple weight byte count: their cells read "-"
+        cell = lambda table, x, fmt: fmt.format(roof[table][x]) if x in roof[table] else "-"  # noqa: E731
+        lines.append(f"{'decode weight GB/s':28}" + "".join(f"{cell('achieved_gbs', x, '{:.2f}'):>14}" for x in sides))
+        lines.append(f"{'% of decode roofline':28}" + "".join(f"{cell('pct_of_roofline', x, '{:.1f}%'):>14}" for x in sides)
                      + f"   ceiling {min(roof['ceiling_tok_s'].values()):.1f} tok/s at "
                      f"{roof['bandwidth_gbs']:.1f} GB/s copy")
         lines.append(f"{'% of a GEMV read rate':28}"
-                     + "".join(f"{roof['pct_of_gemv_read'][x]:>13.1f}%" for x in sides)
+                     + "".join(f"{cell('pct_of_gemv_read', x, '{:.1f}%'):>14}" for x in sides)
                      + f"   GEMV reads {roof['bandwidth']['gemv_read_gbs']:.1f} GB/s")
     rss = "".join(f"{report[x]['peak_rss_mb']:>14.0f}" for x in sides)
     ratio = (f"{report['runtime']['peak_rss_mb'] / report['pytorch']['peak_rss_mb']:.2f}x of pytorch"

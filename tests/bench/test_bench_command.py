@@ -107,3 +107,21 @@ def test_precisions_table_reads_export_dirs(inputs, tmp_path, capsys):
     assert len(rows) == 1 and rows[0]["precision"] == "fp32" and rows[0]["size_ratio"] == 1.0
     assert rows[0]["size_mb"] > 0 and rows[0]["decode_tokens_per_s"] > 0
     assert "| fp32 |" in capsys.readouterr().out
+
+
+def test_quantised_export_has_no_runtime_roofline_and_the_table_says_so(inputs, tmp_path, capsys):
+    """int8/int4 exports have no simple weight byte count: the report leaves them out of the roofline and the
+    table prints "-" for them (it raised KeyError at the released size)."""
+    import shutil
+    engine = tmp_path / "engine"
+    shutil.copytree(inputs / "engine", engine)
+    manifest = json.loads((engine / "manifest.json").read_text())
+    manifest["precision"] = "int4"
+    (engine / "manifest.json").write_text(json.dumps(manifest))
+    rc = bench_main(["--model", str(inputs / "model"), "--engine-dir", str(engine), "--runs", "1", "--warmup", "0",
+                     "--max-new-tokens", "2", "--threads", "1", "--json", str(tmp_path / "b.json")])
+    assert rc == 0
+    assert set(json.loads((tmp_path / "b.json").read_text())["roofline"]["pct_of_roofline"]) == {"pytorch"}
+    roofline_row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("% of decode"))
+    cells = roofline_row.split("ceiling")[0].split()[4:]           # after "% of decode roofline"
+    assert cells[0].endswith("%") and cells[1] == "-"                # pytorch figured, the int4 runtime not
