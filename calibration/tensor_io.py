@@ -97,9 +97,6 @@ class TensorIO:
     def __contains__(self, name: str) -> bool:
         return name in self._tensors
 
-    def tensor(self, name: str) -> onnx.TensorProto:
-        return self._tensors[name]
-
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._tensors[name].dims)
 
@@ -161,11 +158,10 @@ class TensorIO:
         self._tensors[name] = tensor
         return tensor
 
-    def finish(self, keep: set[str] | None = None) -> int:
-        """Drop initializers no node reads (and not in `keep`), copy the external ones still used into the
-        output's data file; returns the output's external bytes. Closes the data file."""
+    def finish(self) -> int:
+        """Drop initializers no node reads, copy the external ones still used into the output's data file;
+        returns the output's external bytes. Closes the data file."""
         used = {i for n in self.model.graph.node for i in n.input} | {o.name for o in self.model.graph.output}
-        used |= keep or set()
         kept = [t for t in self.model.graph.initializer if t.name in used and t.name not in self._views]
         del self.model.graph.initializer[:]
         self.model.graph.initializer.extend(kept)

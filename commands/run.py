@@ -7,22 +7,28 @@ import argparse
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moe-run", description="Answer a question about an image with MoE-LLaVA, "
                                 "streaming the answer. Greedy unless --temperature > 0.")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", help="PyTorch checkpoint directory (official MoE-LLaVA layout) or 'demo'")
-    src.add_argument("--engine-dir", help="export directory written by moe-export (no torch needed)")
+    add_engine_flags(p)
     p.add_argument("--image", help="image file; omit for a text-only prompt")
     p.add_argument("--prompt", required=True, help="the question; the model's chat template is applied")
     add_generation_flags(p)
     p.add_argument("--vision-tower", help="local CLIP/SigLIP directory overriding the config's mm_image_tower")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="compute dtype of --model: auto = fp32 on CPU, the checkpoint's dtype on CUDA")
+    p.add_argument("--json", action="store_true", help="print one JSON object (text, token_ids, timings) last")
+    return p
+
+
+def add_engine_flags(p: argparse.ArgumentParser) -> None:
+    """What answers (moe-run, moe-serve): --model or --engine-dir, the engine library and the device."""
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="PyTorch checkpoint directory (official MoE-LLaVA layout) or 'demo' "
+                     "(needs torch)")
+    src.add_argument("--engine-dir", help="export directory written by moe-export (no torch needed)")
     p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt"],
                    help="engine library for --engine-dir")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="auto (default): CUDA when the engine library can use a GPU here (onnxruntime-gpu, a CUDA "
                         "build of torch; TensorRT always), else the CPU; stderr says which runs")
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="compute dtype of --model: auto = fp32 on CPU, the checkpoint's dtype on CUDA")
-    p.add_argument("--json", action="store_true", help="print one JSON object (text, token_ids, timings) last")
-    return p
 
 
 def add_generation_flags(p: argparse.ArgumentParser) -> None:

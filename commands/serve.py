@@ -8,20 +8,13 @@ from pathlib import Path
 
 from runtime.errors import UserError
 
-DEVICES = ("auto", "cpu", "cuda")
+from .run import add_engine_flags
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moe-serve", description="Serve MoE-LLaVA over the OpenAI chat-completions "
                                 "API (POST /v1/chat/completions, GET /v1/models, GET /health).")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--engine-dir", help="export directory written by moe-export (no torch needed)")
-    src.add_argument("--model", help="PyTorch checkpoint directory or 'demo' (needs the torch extra)")
-    p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt"],
-                   help="engine library for --engine-dir")
-    p.add_argument("--device", default="auto", choices=DEVICES,
-                   help="auto (default): CUDA when the engine library can use a GPU here (onnxruntime-gpu, a CUDA "
-                        "build of torch; TensorRT always), else the CPU; stderr says which runs")
+    add_engine_flags(p)
     p.add_argument("--threads", type=int, default=None, help="onnxruntime decoder threads (default: all cores)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
