@@ -4,7 +4,8 @@ Why: `build -> load_state_dict` holds the random init, the whole file contents a
 the checkpoint at the released size). Here parameters start on the meta device (buffers such as rotary
 frequencies are real), each official tensor is read, renamed / stacked by checkpoint.official_to_ours, cast
 to the compute dtype and put in place, and the file copy is dropped before the next one: peak memory is the
-weights in the compute dtype plus the largest single tensor as stored. Experts are copied straight into
+weights in the compute dtype plus the largest single tensor as stored (heap.py returns the freed read buffers'
+memory as it goes). Experts are copied straight into
 their preallocated [E, ...] stack (no per-expert concatenation, no stacked file-dtype copy).
 """
 from __future__ import annotations
@@ -19,6 +20,7 @@ from tqdm import tqdm
 from runtime.errors import UserError
 
 from .checkpoint import EXPERT_KEY, check_keys, official_to_ours
+from .heap import PeriodicRelease, release_freed_memory
 from .weight_files import WeightFiles
 
 # one MoE layer's per-expert tensors are stacked together, so they are read together (Qwen-1: transformer.h.)
@@ -54,6 +56,7 @@ def materialise(model: nn.Module, files: WeightFiles, dtype: torch.dtype, tower_
                tower_from_checkpoint)
     units = load_units(files.names)
     total = sum(files.nbytes(n) for n in files.names)
+    release = PeriodicRelease()
     with tqdm(total=total, desc="loading weights", unit="B", unit_scale=True, leave=False) as bar:
         for unit in units:
             if len(unit) > 1 or _EXPERT_LAYER.search(unit[0]):
@@ -62,7 +65,10 @@ def materialise(model: nn.Module, files: WeightFiles, dtype: torch.dtype, tower_
                 for key, tensor in official_to_ours({unit[0]: files.read(unit[0])}, model.backbone).items():
                     if not (skip and key.startswith(skip)):
                         _assign(model, key, tensor, torch.float32 if FP32_KEYS.search(key) else dtype)
-            bar.update(sum(files.nbytes(n) for n in unit))
+            loaded = sum(files.nbytes(n) for n in unit)
+            bar.update(loaded)
+            release.add(loaded)
+    release_freed_memory()
     _tie_or_fail(model)
 
 

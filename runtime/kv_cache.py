@@ -17,7 +17,11 @@ B swap. Cost per step: the decoder's Concat - one read and one write of the whol
 2 * L * 2 * KVH * n * D * itemsize bytes (StableLM-1.6B fp32 at n=1000: 0.4 GB read + 0.4 GB written,
 tens of ms on a 2-core board). Memory: twice the cache.
 
-Both commit memory only as far as it is used (np.empty leaves untouched pages unmapped).
+Memory: the unfused buffers commit pages only as far as they are used (np.empty leaves untouched pages
+unmapped). GroupQueryAttention's CPU kernel touches the whole bound buffer on its first run (onnxruntime 1.32:
+a StableLM-1.6B cache sized for the 4096-position context is 1.6 GB resident after a single token, and faulting
+it in costs ~1.9 s of the first token), so `SharedKVCache` holds `capacity` positions and grows as the cache
+needs them.
 """
 from __future__ import annotations
 
@@ -51,15 +55,37 @@ class _Cache:
 
 
 class SharedKVCache(_Cache):
-    """Fused attention: past and present are the same [1,KVH,M,D] buffer per (layer, key|value)."""
+    """Fused attention: past and present are the same [1,KVH,C,D] buffer per (layer, key|value), C = capacity.
+
+    `reserve` grows C (x1.5 at least, in whole GRAIN positions, at most max_len) before a step that needs
+    more, copying the cached positions; the decoder rebinds the buffers when it did. A 656-position prompt
+    with a short answer holds 768 positions, not the context's 4096."""
+
+    GRAIN = 256
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, max_len: int, dtype: np.dtype):
         super().__init__(num_layers, num_kv_heads, head_dim, max_len, dtype)
-        # [L, 2 (key, value), 1, KVH, M, D]
-        self._buffers = np.empty((num_layers, len(KINDS), 1, num_kv_heads, max_len, head_dim), self.dtype)
+        self.capacity = 0
+        self._buffers = self._allocate(min(max_len, self.GRAIN))
+
+    def _allocate(self, capacity: int) -> np.ndarray:
+        self.capacity = capacity
+        # [L, 2 (key, value), 1, KVH, C, D]
+        return np.empty((self.num_layers, len(KINDS), 1, self.num_kv_heads, capacity, self.head_dim), self.dtype)
+
+    def reserve(self, new_tokens: int) -> bool:
+        """Room for new_tokens more positions (within max_len: check_room first); True when the buffers moved."""
+        needed = self.length + new_tokens
+        if needed <= self.capacity:
+            return False
+        grains = -(-needed // self.GRAIN)
+        old = self._buffers
+        self._buffers = self._allocate(min(self.max_len, max(grains * self.GRAIN, self.capacity * 3 // 2)))
+        self._buffers[..., :self.length, :] = old[..., :self.length, :]
+        return True
 
     def past(self, layer: int, kind: int) -> np.ndarray:
-        """[1,KVH,M,D]: the whole buffer (the first n positions valid)."""
+        """[1,KVH,C,D]: the whole buffer (the first n positions valid)."""
         return self._buffers[layer, kind]
 
     def present_buffer(self, layer: int, kind: int, new_tokens: int) -> np.ndarray:

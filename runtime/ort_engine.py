@@ -190,8 +190,9 @@ class _DecoderBase:
 class HostDecoder(_DecoderBase):
     """CPU path: past and present live in a preallocated cache (runtime/kv_cache.py), bound with IOBinding.
 
-    Fused attention: the cache buffers and the logits buffer never move, so they are bound once and a step
-    binds only its three small inputs (rebinding 2L + 1 buffers cost ~0.1 ms a step on the demo model).
+    Fused attention: the cache buffers move only when the cache grows (SharedKVCache.reserve) and the logits
+    buffer never, so they are bound then and a step binds only its three small inputs (rebinding 2L + 1
+    buffers cost ~0.1 ms a step on the demo model).
     Unfused: past and present are views that change with the cached length, so each step binds them anew.
     """
 
@@ -215,6 +216,8 @@ class HostDecoder(_DecoderBase):
             self.cache.reset()
         s = embeds.shape[0]
         self.cache.check_room(s)
+        if self.shared_cache and self.cache.reserve(s):
+            self._binding = self._bind_cache(0)
         binding = self._binding if self._binding is not None else self._bind_cache(s)
         for name, array in self.step_inputs(embeds, self.cache.length).items():
             binding.bind_cpu_input(name, array)  # the binding holds each array until it is rebound

@@ -3,8 +3,9 @@
 A ~140M-parameter checkpoint (fp16 on disk, written by the released-shape writer) is loaded in a fresh
 subprocess; the growth of its peak RSS (VmHWM) over the RSS after imports is compared with the bytes of the
 loaded parameters. The old path (fresh init + whole state dict + load_state_dict) needed ~2.5x. The bound,
-1.15x plus 64 MB, leaves room for the largest tensor in flight, the model's Python objects and the
-allocator's slack (~80 MB here, a fixed cost that is noise at the released size), not for a second copy.
+1.05x plus 32 MB, leaves room for the largest tensor in flight and the model's Python objects (measured
+1.04x / 1.09x at fp32 / bf16, 21-24 MB over), not for a second copy, nor for the freed read buffers that glibc
+keeps in the heap unless moe_llava/heap.py hands them back (without it: 1.07-1.11x / 1.25-1.30x).
 """
 import json
 import subprocess
@@ -59,7 +60,7 @@ def test_peak_memory_is_the_weights_once(checkpoint, dtype, itemsize):
     on_disk = sum(f.stat().st_size for f in checkpoint.glob("*.safetensors"))
     assert weights == pytest.approx(on_disk / 2 * itemsize, rel=0.01)  # fp16 files, every tensor loaded
     assert weights > 200e6
-    assert growth <= 1.15 * weights + (64 << 20), f"peak grew by {growth / weights:.2f}x the weights ({(growth - weights) / 1e6:.0f} MB over)"
+    assert growth <= 1.05 * weights + (32 << 20), f"peak grew by {growth / weights:.2f}x the weights ({(growth - weights) / 1e6:.0f} MB over)"
 
 
 def test_loaded_weights_are_the_files_values(checkpoint):

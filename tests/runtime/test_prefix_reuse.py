@@ -99,6 +99,36 @@ def test_fused_decoder_bound_once_steps_keeps_and_extends_like_the_reference(fus
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
 
 
+def test_fused_cache_grows_as_it_fills_and_keeps_what_it_holds(fused, monkeypatch):
+    """The shared buffer starts at one grain and grows (x1.5, whole grains, capped at the context) only when a
+    step needs room; every logits vector across the moves equals the numpy attention of the cached positions,
+    so the copy kept every cached position and the step after a move ran on the rebound buffers."""
+    from runtime.kv_cache import SharedKVCache
+    monkeypatch.setattr(SharedKVCache, "GRAIN", 4)
+    out, weights = fused
+    table = weights["table"]
+    with OrtEngine(out, max_len=14) as engine:
+        cache = engine._decoder.cache
+        assert cache.capacity == 4
+        tokens = [5, 17, 99]
+        got, want, capacities = [engine.prefill(engine.embed_tokens(np.array(tokens, np.int64)))], [], [4]
+        want.append(fused_expected_logits(table[tokens], weights))
+        for token in (7, 9, 11, 2, 4, 6):  # positions 4..9: grows to 8, then to 12
+            got.append(engine.decode(token))
+            tokens.append(token)
+            want.append(fused_expected_logits(table[tokens], weights))
+            capacities.append(cache.capacity)
+        assert capacities == [4, 4, 8, 8, 8, 8, 12]
+        got.append(engine.extend(engine.embed_tokens(np.array([3, 8, 1, 40], np.int64))))  # 13 > 12: capped at 14
+        tokens += [3, 8, 1, 40]
+        want.append(fused_expected_logits(table[tokens], weights))
+        assert cache.capacity == 14 and engine.cache_length == 13
+        with pytest.raises(UserError, match="context full"):
+            engine.extend(engine.embed_tokens(np.array([1, 2], np.int64)))
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+
+
 def test_prefix_cache_counts_the_image_slot_as_its_visual_positions():
     cache = PrefixCache([1, 2, "img", 3, 4], visual_tokens=6)
     assert cache.positions(2) == 2 and cache.positions(4) == 9
