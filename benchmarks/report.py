@@ -69,8 +69,7 @@ def bench_table(report: dict) -> str:
         b = roof["breakdown"]
         lines.append(f"weights read per decode token: {b['total'] / 1e6:.1f} MB (dense {b['dense'] / 1e6:.1f}, "
                      f"{m['top_k']} of {m['experts']} experts {b['experts_active'] / 1e6:.1f} of "
-                     f"{b['experts_total'] / 1e6:.1f}, lm_head {b['lm_head'] / 1e6:.1f}) at "
-                     f"{report['model']['precision']}")
+                     f"{b['experts_total'] / 1e6:.1f}, lm_head {b['lm_head'] / 1e6:.1f}) at fp32")  # command._roofline
     if "agreement" in report:
         lines.append(f"greedy tokens equal on both sides: {report['agreement']['greedy_tokens']:.0%}")
     warning = busy_warning(report["machine"])

@@ -122,6 +122,9 @@ def test_quantised_export_has_no_runtime_roofline_and_the_table_says_so(inputs, 
                      "--max-new-tokens", "2", "--threads", "1", "--json", str(tmp_path / "b.json")])
     assert rc == 0
     assert set(json.loads((tmp_path / "b.json").read_text())["roofline"]["pct_of_roofline"]) == {"pytorch"}
-    roofline_row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("% of decode"))
+    out = capsys.readouterr().out.splitlines()
+    roofline_row = next(line for line in out if line.startswith("% of decode"))
     cells = roofline_row.split("ceiling")[0].split()[4:]           # after "% of decode roofline"
     assert cells[0].endswith("%") and cells[1] == "-"                # pytorch figured, the int4 runtime not
+    # the weight breakdown is fp32's (it said "at int4" over fp32 byte counts)
+    assert next(line for line in out if line.startswith("weights read per decode token")).endswith("at fp32")
