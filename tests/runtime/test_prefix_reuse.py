@@ -99,12 +99,16 @@ def test_fused_decoder_bound_once_steps_keeps_and_extends_like_the_reference(fus
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
 
 
-def test_fused_cache_grows_as_it_fills_and_keeps_what_it_holds(fused, monkeypatch):
+@pytest.mark.parametrize("prompt_chunk", [256, 2])
+def test_fused_cache_grows_as_it_fills_and_keeps_what_it_holds(fused, monkeypatch, prompt_chunk):
     """The shared buffer starts at one grain and grows (x1.5, whole grains, capped at the context) only when a
     step needs room; every logits vector across the moves equals the numpy attention of the cached positions,
-    so the copy kept every cached position and the step after a move ran on the rebound buffers."""
+    so the copy kept every cached position and the step after a move ran on the rebound buffers. With
+    prompt_chunk 2 the prefill and the 4-position extend run in pieces of 2 positions: the same logits."""
+    import runtime.ort_engine
     from runtime.kv_cache import SharedKVCache
     monkeypatch.setattr(SharedKVCache, "GRAIN", 4)
+    monkeypatch.setattr(runtime.ort_engine, "PROMPT_CHUNK", prompt_chunk)
     out, weights = fused
     table = weights["table"]
     with OrtEngine(out, max_len=14) as engine:
