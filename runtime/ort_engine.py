@@ -225,9 +225,9 @@ class HostDecoder(_DecoderBase):
             self.cache.reset()
         s = embeds.shape[0]
         self.cache.check_room(s)
-        chunk = PROMPT_CHUNK if self.shared_cache else s
-        for start in range(0, s, chunk):
-            logits = self._run(embeds[start:start + chunk])
+        chunk = PROMPT_CHUNK if self.shared_cache else max(s, 1)
+        for piece in [embeds[i:i + chunk] for i in range(0, s, chunk)] or [embeds]:
+            logits = self._run(piece)
         return logits
 
     def _run(self, embeds: np.ndarray) -> np.ndarray:
