@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
-    from .distributed import is_main_process, world_size
+    from .distributed import is_main_process, leave_process_group, world_size
     if args.recipe:
         if world_size() > 1:
             raise UserError("--recipe runs in one process (it generates its data and tokenizer first); under "
@@ -93,6 +93,7 @@ def main(args: argparse.Namespace) -> int:
         return 0
     from .run import run_stage
     path = run_stage(stage_config(args))
+    leave_process_group()
     if is_main_process():
         print(f"stage {args.stage} ({STAGES[Stage(args.stage)].name}) model written to {path}")
     return 0

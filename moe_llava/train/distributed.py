@@ -29,6 +29,14 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def leave_process_group() -> None:
+    """Close the launcher's process group (the Trainer opened it) before the process exits: left to interpreter
+    teardown, gloo's threads once aborted a rank after its training had finished (std::terminate, exit -6)."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def accumulation_steps(global_batch: int, per_device_batch: int, world: int) -> int:
     """Gradient accumulation that makes each optimiser step consume exactly `global_batch` samples."""
     per_step = per_device_batch * world
