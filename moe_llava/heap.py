@@ -24,23 +24,21 @@ def _malloc_trim():
         return None
 
 
-def release_freed_memory() -> bool:
-    """Return the heap's free pages to the system; False where the C library has no malloc_trim."""
+def release_freed_memory() -> None:
+    """Return the heap's free pages to the system (nothing to do where the C library has no malloc_trim)."""
     trim = _malloc_trim()
-    if trim is None:
-        return False
-    trim(0)
-    return True
+    if trim is not None:
+        trim(0)
 
 
 class PeriodicRelease:
     """Call `add(nbytes)` after each tensor; frees the heap's holes every TRIM_EVERY_BYTES loaded."""
 
-    def __init__(self, every: int = TRIM_EVERY_BYTES):
-        self.every, self.pending = every, 0
+    def __init__(self):
+        self.pending = 0
 
     def add(self, nbytes: int) -> None:
         self.pending += nbytes
-        if self.pending >= self.every:
+        if self.pending >= TRIM_EVERY_BYTES:
             release_freed_memory()
             self.pending = 0

@@ -36,7 +36,6 @@ class _CastTo(nn.Module):
 
 def compute_in(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
     """Make `model` compute in `dtype` whatever dtype its parameters are stored in (in place)."""
-    large_bytes = LARGE_BYTES
     for module in list(model.modules()):
         kind = type(module)  # before a parametrization swaps in its generated subclass
         for name, param in list(module.named_parameters(recurse=False)):
@@ -44,12 +43,12 @@ def compute_in(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Modul
                 parametrize.register_parametrization(module, name, _CastTo(dtype), unsafe=True)
         if not parametrize.is_parametrized(module, "weight"):
             continue
-        if stored(module, "weight").numel() * dtype.itemsize <= large_bytes:
+        if stored(module, "weight").numel() * dtype.itemsize <= LARGE_BYTES:
             continue
         if kind is nn.Embedding and module.max_norm is None:   # max_norm would renormalise the table
             module.forward = types.MethodType(_gathered_rows_forward, module)
         elif kind is nn.Linear:
-            module.forward = types.MethodType(_row_blocks_forward(large_bytes), module)
+            module.forward = types.MethodType(_row_blocks_forward, module)
     return model
 
 
@@ -60,15 +59,13 @@ def _gathered_rows_forward(self: nn.Embedding, ids: torch.Tensor) -> torch.Tenso
     return rows.to(compute_dtype(self))
 
 
-def _row_blocks_forward(large_bytes: int):
-    def forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_exporting():
-            return nn.Linear.forward(self, x)
-        weight, bias, dtype = stored(self, "weight"), self.bias, compute_dtype(self)
-        rows = max(1, large_bytes // (weight.shape[1] * dtype.itemsize))
-        return torch.cat([F.linear(x, weight[i:i + rows].to(dtype), None if bias is None else bias[i:i + rows])
-                          for i in range(0, weight.shape[0], rows)], dim=-1)
-    return forward
+def _row_blocks_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    if torch.compiler.is_exporting():
+        return nn.Linear.forward(self, x)
+    weight, bias, dtype = stored(self, "weight"), self.bias, compute_dtype(self)
+    rows = max(1, LARGE_BYTES // (weight.shape[1] * dtype.itemsize))
+    return torch.cat([F.linear(x, weight[i:i + rows].to(dtype), None if bias is None else bias[i:i + rows])
+                      for i in range(0, weight.shape[0], rows)], dim=-1)
 
 
 def compute_dtype(module: nn.Module) -> torch.dtype:
